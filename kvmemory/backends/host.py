@@ -1,0 +1,104 @@
+"""HostBackend: numpy ring storage plus the pipeline from candidate ids to results.
+
+A host backend only has to propose candidate ids per query
+(``_candidate_ids``); this class drops any that are not live (evicted,
+cleared, out of range), gathers their stored keys and values, scores them
+exactly, sorts best first, and masks what is missing. Whatever an index
+returns, no evicted or cleared entry can reach the caller.
+
+Index hooks a subclass may override:
+
+``_index_add(start [B], stop [B])``  ids [start[b], stop[b]) of row b were just written
+``_index_clear(mask [B])``           those rows were just cleared (counts already 0)
+``_index_state()`` / ``_index_load(state)``  extra arrays to persist
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..metrics import score_candidates
+from ..result import SearchResult
+from .base import Backend
+from .ring import Ring
+
+
+class HostBackend(Backend):
+    def __init__(self, config, **options):
+        super().__init__(config, **options)
+        self.ring = Ring(config)
+
+    # -- interface -------------------------------------------------------------
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        start, stop = self.ring.write(keys, values)
+        self._index_add(start, stop)
+
+    def clear(self, mask: np.ndarray) -> None:
+        self.ring.clear(mask)
+        self._index_clear(mask)
+
+    def counts(self) -> np.ndarray:
+        return self.ring.counts.copy()
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        return self.finish(queries, self._candidate_ids(queries, k), k)
+
+    def state_dict(self) -> dict:
+        state = dict(self.ring.state_dict())
+        state.update({f"index/{k}": v for k, v in self._index_state().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ring.load_state_dict(state)
+        self._index_load({k[len("index/"):]: v for k, v in state.items() if k.startswith("index/")})
+
+    # -- what subclasses provide -------------------------------------------------------
+    def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Candidate stream ids [B, T, H, m] (any m, -1 for none, no duplicates)."""
+        raise NotImplementedError
+
+    def _index_add(self, start: np.ndarray, stop: np.ndarray) -> None:
+        pass
+
+    def _index_clear(self, mask: np.ndarray) -> None:
+        pass
+
+    def _index_state(self) -> dict:
+        return {}
+
+    def _index_load(self, state: dict) -> None:
+        pass
+
+    # -- shared helpers -------------------------------------------------------------
+    def slots_to_ids(self, slots: np.ndarray) -> np.ndarray:
+        """Ring slots [B, ...] of live entries to their stream ids; -1 stays -1."""
+        C = self.config.capacity
+        lo = self.ring.live_start().reshape((-1,) + (1,) * (slots.ndim - 1))
+        return np.where(slots >= 0, lo + (slots - lo) % C, -1)
+
+    def finish(self, queries: np.ndarray, ids: np.ndarray, k: int) -> SearchResult:
+        """Turn candidate ids [B,T,H,m] into the top-k SearchResult (live entries only, exact scores)."""
+        B, T, H, _ = queries.shape
+        counts = self.ring.counts[:, None, None, None]
+        lo = self.ring.live_start()[:, None, None, None]
+        ids = np.where((ids >= lo) & (ids < counts), ids, -1)
+        keys, values, sq = self.ring.gather(ids)
+        scores = score_candidates(self.config.metric, queries, keys, sq).astype(np.float32)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        m = ids.shape[-1]
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+        ids = np.take_along_axis(ids, order, -1)
+        scores = np.take_along_axis(scores, order, -1)
+        keys = np.take_along_axis(keys, order[..., None], -2)
+        values = np.take_along_axis(values, order[..., None], -2)
+        if m < k:
+            pad = k - m
+            ids = np.concatenate([ids, np.full((B, T, H, pad), -1, np.int64)], -1)
+            scores = np.concatenate([scores, np.zeros((B, T, H, pad), np.float32)], -1)
+            keys = np.concatenate([keys, np.zeros((B, T, H, pad, keys.shape[-1]), np.float32)], -2)
+            values = np.concatenate([values, np.zeros((B, T, H, pad, values.shape[-1]), np.float32)], -2)
+        mask = ids >= 0
+        scores = np.where(mask, scores, np.float32(0))
+        keys = np.where(mask[..., None], keys, np.float32(0))
+        values = np.where(mask[..., None], values, np.float32(0))
+        return SearchResult(keys=keys, values=values, scores=scores, ids=ids.astype(np.int64), mask=mask)

@@ -1,0 +1,104 @@
+"""Preallocated numpy ring buffers: the storage of every host backend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import MemoryConfig
+
+
+class Ring:
+    """Keys and values of every (row, head), FIFO per row.
+
+    keys     [B, H, C, Dk] float32
+    values   [B, H, C, Dv] float32
+    sqnorms  [B, H, C] float32, squared key norms (metrics cosine and l2 only, else None)
+    counts   [B] int64, entries added per row since its last clear
+
+    Stream id ``i`` of row b lives in slot ``i % C``. Because ids restart at 0
+    after a clear, a row's live slots are always the prefix ``[0, size[b])``.
+    """
+
+    def __init__(self, config: MemoryConfig):
+        B, H, C = config.batch_size, config.num_heads, config.capacity
+        self.config = config
+        self.keys = np.zeros((B, H, C, config.key_dim), np.float32)
+        self.values = np.zeros((B, H, C, config.value_dim), np.float32)
+        self.sqnorms = np.zeros((B, H, C), np.float32) if config.metric != "ip" else None
+        self.counts = np.zeros(B, np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
+    def sizes(self) -> np.ndarray:
+        """[B] int64: live entries per row."""
+        return np.minimum(self.counts, self.capacity)
+
+    def live_start(self) -> np.ndarray:
+        """[B] int64: the oldest live id of each row."""
+        return np.maximum(self.counts - self.capacity, 0)
+
+    def write(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append keys [B,T,H,Dk] and values [B,T,H,Dv]; returns the written id range [start, stop) per row.
+
+        Of an add longer than capacity only the last ``capacity`` tokens are
+        written: the earlier ones would be evicted by the same add.
+        """
+        C = self.capacity
+        T = keys.shape[1]
+        skip = max(T - C, 0)
+        keys = keys[:, skip:].transpose(0, 2, 1, 3)      # [B,H,T',Dk]
+        values = values[:, skip:].transpose(0, 2, 1, 3)
+        sq = None
+        if self.sqnorms is not None:
+            sq = np.einsum("bhtd,bhtd->bht", keys, keys)
+        n = T - skip
+        start = self.counts + skip
+        for b in range(self.counts.shape[0]):
+            slot = int(start[b] % C)
+            first = min(n, C - slot)        # before the wrap
+            for dst, src in ((self.keys, keys), (self.values, values), (self.sqnorms, sq)):
+                if dst is None:
+                    continue
+                dst[b, :, slot:slot + first] = src[b, :, :first]
+                if first < n:
+                    dst[b, :, :n - first] = src[b, :, first:]
+        self.counts += T
+        return start, self.counts.copy()
+
+    def clear(self, mask: np.ndarray) -> None:
+        self.counts[mask] = 0
+
+    def gather(self, ids: np.ndarray):
+        """Keys, values and squared norms of ids [B,T,H,m] (-1 allowed: gives slot 0, caller masks)."""
+        B, _, H, _ = ids.shape
+        slots = np.where(ids >= 0, ids % self.capacity, 0)
+        b = np.arange(B)[:, None, None, None]
+        h = np.arange(H)[None, None, :, None]
+        sq = self.sqnorms[b, h, slots] if self.sqnorms is not None else None
+        return self.keys[b, h, slots], self.values[b, h, slots], sq
+
+    def state_dict(self) -> dict:
+        state = {"keys": self.keys, "values": self.values, "counts": self.counts}
+        if self.sqnorms is not None:
+            state["sqnorms"] = self.sqnorms
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, current in self.state_dict().items():
+            if name not in state:
+                raise ValueError(f"saved memory lacks {name!r}")
+            arr = np.asarray(state[name])
+            if arr.shape != current.shape or arr.dtype != current.dtype:
+                raise ValueError(
+                    f"saved {name!r} has shape {arr.shape} dtype {arr.dtype}, "
+                    f"expected {current.shape} {current.dtype}"
+                )
+        if (np.asarray(state["counts"]) < 0).any():
+            raise ValueError("saved 'counts' holds negative values")
+        self.keys[...] = state["keys"]
+        self.values[...] = state["values"]
+        self.counts[...] = state["counts"]
+        if self.sqnorms is not None:
+            self.sqnorms[...] = state["sqnorms"]

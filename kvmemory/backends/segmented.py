@@ -1,0 +1,237 @@
+"""SegmentedBackend: approximate indices that stay cheap under FIFO eviction.
+
+Approximate indices delete badly (faiss HNSW cannot remove, hnswlib's
+replace-deleted is slow, ScaNN partitions go stale). So each row's stream is
+cut into time-ordered *segments* of at most ``segment_size`` consecutive ids,
+each with one index per head:
+
+* new entries are appended to the newest segment's indices; a full segment is
+  never touched again (sealed);
+* a segment that FIFO has passed entirely is dropped whole (O(1), no deletes);
+* the one segment FIFO is partway through is either told to remove the
+  evicted prefix (indices that can, ``SegmentIndex.removes``), or over-fetched
+  and filtered, or - once mostly evicted - searched exactly;
+* a segment holding fewer than ``exact_below`` live entries, or whose index is
+  not ready, is searched exactly from the ring;
+* clearing a row drops all its segments.
+
+Every candidate then goes through ``HostBackend.finish``: non-live ids are
+dropped, the rest re-scored exactly from the stored keys. Searches of the
+(row, head, segment) indices run on a thread pool of ``num_threads`` threads,
+one library thread each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from ..metrics import column_transform
+from .host import HostBackend
+from .segment_index import SegmentIndex
+from .topk import blocked_topk
+
+
+@dataclasses.dataclass
+class Segment:
+    start: int                    # first stream id
+    indexes: list                 # one SegmentIndex per head
+    count: int = 0                # ids [start, start + count) were added
+    removed_below: int = 0        # local positions < this were removed from the indexes
+
+
+def _positive_int(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
+    return value
+
+
+class SegmentedBackend(HostBackend):
+    """Base of the faiss, scann and hnsw backends; subclasses set ``segment_index``.
+
+    Options shared by every segmented backend:
+        segment_size: ids per segment (default capacity // 4, at least 1).
+        exact_below: segments with fewer live entries are searched exactly (default 1024).
+        num_threads: search threads (default: all cores).
+    """
+
+    segment_index: type = SegmentIndex
+    common_build_options = {"segment_size": None, "exact_below": 1024, "num_threads": None}
+    build_options = common_build_options
+
+    def __init__(self, config, **options):
+        super().__init__(config, **options)
+        o = self.options
+        o["segment_size"] = _positive_int(
+            "segment_size", o["segment_size"] or max(1, config.capacity // 4))
+        o["exact_below"] = _positive_int("exact_below", o["exact_below"], allow_zero=True)
+        o["num_threads"] = _positive_int("num_threads", o["num_threads"] or os.cpu_count() or 1)
+        self.index_metric = "l2" if config.metric == "l2" else "ip"
+        self.library_build = {k: v for k, v in o.items() if k not in self.common_build_options}
+        self.segments: list[list[Segment]] = [[] for _ in range(config.batch_size)]
+        self._pool = None
+
+    # -- options -----------------------------------------------------------------
+    def set_search_options(self, **options) -> None:
+        super().set_search_options(**options)
+        for seg in self._all_segments():
+            for index in seg.indexes:
+                index.set_query_arguments(**self.search_args)
+
+    def _all_segments(self):
+        return [seg for row in self.segments for seg in row]
+
+    def _new_segment(self, start: int) -> Segment:
+        c = self.config
+        indexes = []
+        for _ in range(c.num_heads):
+            index = self.segment_index(self.index_metric, c.key_dim, self.options["segment_size"],
+                                       self.library_build)
+            index.set_query_arguments(**self.search_args)
+            indexes.append(index)
+        return Segment(start, indexes)
+
+    # -- index maintenance -------------------------------------------------------------
+    def _keys_for_index(self, b: int, ids: np.ndarray) -> np.ndarray:
+        """Keys [H, n, D] of row b's ids, as the index stores them (unit length for cosine)."""
+        slots = ids % self.config.capacity
+        keys = self.ring.keys[b][:, slots]
+        if self.config.metric == "cosine":
+            norms = np.sqrt(self.ring.sqnorms[b][:, slots])[..., None]
+            keys = np.divide(keys, norms, out=np.zeros_like(keys), where=norms > 0)
+        return keys
+
+    def _index_add(self, start: np.ndarray, stop: np.ndarray) -> None:
+        S = self.options["segment_size"]
+        for b in range(self.config.batch_size):
+            a, e = int(start[b]), int(stop[b])
+            segs = self.segments[b]
+            while a < e:
+                last = segs[-1] if segs else None
+                if last is None or last.count >= S or last.start + last.count != a:
+                    last = self._new_segment(a)
+                    segs.append(last)
+                n = min(S - last.count, e - a)
+                keys = self._keys_for_index(b, np.arange(a, a + n))
+                for h, index in enumerate(last.indexes):
+                    index.add(np.ascontiguousarray(keys[h]))
+                last.count += n
+                a += n
+            self._evict(b)
+
+    def _evict(self, b: int) -> None:
+        lo = int(self.ring.live_start()[b])
+        segs = [s for s in self.segments[b] if s.start + s.count > lo]
+        if segs and segs[0].start < lo and segs[0].indexes[0].removes:
+            first = segs[0]
+            first.removed_below = lo - first.start
+            for index in first.indexes:
+                index.remove_below(first.removed_below)
+        self.segments[b] = segs
+
+    def _index_clear(self, mask: np.ndarray) -> None:
+        for b in np.flatnonzero(mask):
+            self.segments[b] = []
+
+    # -- search -------------------------------------------------------------------------
+    def _plan(self, k: int):
+        """[(b, h, segment, how, kq, a, e)]: how is "index" or "exact"; live ids of the segment are [a, e)."""
+        lo = self.ring.live_start()
+        exact_below = self.options["exact_below"]
+        plan = []
+        for b, segs in enumerate(self.segments):
+            for seg in segs:
+                a, e = max(seg.start, int(lo[b])), seg.start + seg.count
+                if e <= a:
+                    continue
+                live, held = e - a, seg.count - seg.removed_below
+                removes = seg.indexes[0].removes
+                if live < exact_below or not seg.indexes[0].ready() or (not removes and 4 * live < held):
+                    how, kq = "exact", k
+                else:
+                    how, kq = "index", min(held, k if held == live else math.ceil(k * held / live))
+                for h in range(self.config.num_heads):
+                    plan.append((b, h, seg, how, kq, a, e))
+        return plan
+
+    def _search_exact(self, q: np.ndarray, b: int, h: int, a: int, e: int, k: int) -> np.ndarray:
+        slots = np.arange(a, e) % self.config.capacity
+        keys = self.ring.keys[b, h, slots][None]
+        sq = self.ring.sqnorms[b, h, slots][None] if self.ring.sqnorms is not None else None
+        weight, bias = column_transform(self.config.metric, sq)
+        pos = blocked_topk(q[None], keys, np.array([e - a]), k, weight, bias)[0]
+        return np.where(pos >= 0, pos + a, -1)
+
+    def _search_one(self, task, queries, index_queries):
+        b, h, seg, how, kq, a, e, t0, t1 = task
+        if how == "exact":
+            return self._search_exact(queries[b, t0:t1, h], b, h, a, e, kq)
+        pos = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq)
+        return np.where(pos >= 0, pos + seg.start, -1).astype(np.int64)
+
+    def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+        B, T, H, _ = queries.shape
+        plan = self._plan(k)
+        threads = self.options["num_threads"]
+        # split queries too when there are fewer (row, head, segment) searches than threads
+        chunks = max(1, min(T, math.ceil(threads / max(len(plan), 1)))) if T else 1
+        bounds = np.linspace(0, T, chunks + 1).astype(int)
+        tasks = [p + (int(t0), int(t1)) for p in plan for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
+        index_queries = queries
+        if self.config.metric == "cosine":
+            norms = np.linalg.norm(queries, axis=-1, keepdims=True)
+            index_queries = np.divide(queries, norms, out=np.zeros_like(queries), where=norms > 0)
+        if threads > 1 and len(tasks) > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(threads, "kvmemory-search")
+            results = list(self._pool.map(lambda t: self._search_one(t, queries, index_queries), tasks))
+        else:
+            results = [self._search_one(t, queries, index_queries) for t in tasks]
+        groups = {}
+        for task, ids in zip(tasks, results):
+            groups.setdefault((task[0], task[1], task[7]), []).append(ids)
+        merged = {key: np.concatenate(parts, axis=1) for key, parts in groups.items()}
+        m = max((ids.shape[1] for ids in merged.values()), default=0)
+        out = np.full((B, T, H, m), -1, np.int64)
+        for (b, h, t0), ids in merged.items():
+            out[b, t0:t0 + ids.shape[0], h, :ids.shape[1]] = ids
+        return out
+
+    # -- persistence -----------------------------------------------------------------
+    def _index_state(self) -> dict:
+        state, table = {}, []
+        for b, segs in enumerate(self.segments):
+            for seg in segs:
+                i = len(table)
+                table.append((b, seg.start, seg.count, seg.removed_below))
+                for h, index in enumerate(seg.indexes):
+                    state[f"seg{i}/h{h}"] = np.frombuffer(index.serialize(), np.uint8)
+        state["segments"] = np.array(table, np.int64).reshape(-1, 4)
+        return state
+
+    def _index_load(self, state: dict) -> None:
+        if "segments" not in state:
+            raise ValueError("saved memory lacks its segment table ('index/segments')")
+        table = np.asarray(state["segments"])
+        if table.ndim != 2 or table.shape[1] != 4:
+            raise ValueError(f"saved segment table has shape {table.shape}, expected (n, 4)")
+        c = self.config
+        self.segments = [[] for _ in range(c.batch_size)]
+        for i, (b, start, count, removed) in enumerate(table.tolist()):
+            if not 0 <= b < c.batch_size:
+                raise ValueError(f"saved segment {i} names row {b}, memory has {c.batch_size} rows")
+            indexes = []
+            for h in range(c.num_heads):
+                name = f"seg{i}/h{h}"
+                if name not in state:
+                    raise ValueError(f"saved memory lacks index {name!r}")
+                index = self.segment_index.deserialize(
+                    bytes(np.asarray(state[name], np.uint8)), self.index_metric, c.key_dim,
+                    self.options["segment_size"], self.library_build)
+                index.set_query_arguments(**self.search_args)
+                indexes.append(index)
+            self.segments[b].append(Segment(start, indexes, count, removed))

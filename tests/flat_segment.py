@@ -1,0 +1,50 @@
+"""A numpy SegmentIndex for tests: exact within a segment, so SegmentedBackend's own logic is what gets tested."""
+
+import io
+
+import numpy as np
+
+from kvmemory.backends.segment_index import SegmentIndex
+from kvmemory.backends.segmented import SegmentedBackend
+
+
+class FlatSegmentIndex(SegmentIndex):
+    def __init__(self, metric, dim, span, build):
+        super().__init__(metric, dim, span, build)
+        self.keys = np.zeros((0, dim), np.float32)
+        self.removed = 0
+        self.removes = bool(build.get("removes", False))
+
+    def add(self, keys):
+        assert keys.shape[1] == self.dim and len(self.keys) + len(keys) <= self.span
+        self.keys = np.concatenate([self.keys, keys])
+
+    def remove_below(self, position):
+        self.removed = max(self.removed, position)
+
+    def batch_query(self, queries, k):
+        held = len(self.keys) - (self.removed if self.removes else 0)
+        assert 1 <= k <= held, (k, held)
+        s = queries @ self.keys.T
+        if self.metric == "l2":
+            s = 2 * s - (self.keys ** 2).sum(1)
+        if self.removes:
+            s[:, :self.removed] = -np.inf
+        return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+    def serialize(self):
+        buf = io.BytesIO()
+        np.save(buf, self.keys)
+        return buf.getvalue()
+
+    @classmethod
+    def deserialize(cls, data, metric, dim, span, build):
+        index = cls(metric, dim, span, build)
+        index.keys = np.load(io.BytesIO(data))
+        return index
+
+
+class FlatSegmentedBackend(SegmentedBackend):
+    name = "test-segmented"
+    segment_index = FlatSegmentIndex
+    build_options = {**SegmentedBackend.build_options, "removes": False}
