@@ -96,7 +96,8 @@ class Backend:
     # -- arrays ------------------------------------------------------------------
     def convert(self, x):
         """An accepted array (already shape/dtype checked) as this backend's float array."""
-        return np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # overflow to inf is reported by all_finite
+            return np.ascontiguousarray(x, dtype=np.float32)
 
     def all_finite(self, x) -> bool:
         return bool(np.isfinite(x).all())

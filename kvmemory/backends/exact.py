@@ -35,5 +35,5 @@ class ExactBackend(HostBackend):
         weight, bias = column_transform(self.config.metric, sq)
         n_valid = np.repeat(ring.sizes(), H)
         slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"])
-        slots = slots.reshape(B, H, T, -1).transpose(0, 2, 1, 3)
+        slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
         return self.slots_to_ids(slots)

@@ -1,0 +1,275 @@
+"""backend="faiss": time-segmented faiss indices (flat, IVF, HNSW or any index_factory string).
+
+Each (row, head, segment) gets its own faiss index over at most
+``segment_size`` keys (see :mod:`kvmemory.backends.segmented`). Evicted
+entries are never physically removed: flat and IVF indices exclude them at
+search time with an ``IDSelectorRange`` (O(1) per eviction), the others are
+over-fetched and filtered by the segmented layer.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import faiss
+import numpy as np
+
+from .segment_index import SegmentIndex
+from .segmented import SegmentedBackend, _positive_int
+
+KINDS = ("flat", "ivf", "hnsw")
+DEVICES = ("auto", "cpu", "cuda")
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_TRAINED, _PENDING, _FAILED = 0, 1, 2     # serialized state of a segment index
+_gpu = {}                                 # lazily made StandardGpuResources and the lock serialising its use
+
+
+def has_gpu() -> bool:
+    """True if this faiss build has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _gpu_resources():
+    if not _gpu:
+        _gpu["res"], _gpu["lock"] = faiss.StandardGpuResources(), threading.Lock()
+    return _gpu["res"], _gpu["lock"]
+
+
+def default_nlist(span: int) -> int:
+    """IVF lists for a segment of ``span`` keys: ~4 sqrt(span), at least 39 keys per list."""
+    return max(1, min(round(4 * math.sqrt(span)), span // 39))
+
+
+def factory_string(build: dict) -> str:
+    kind = build["index"]
+    return {"flat": "Flat", "ivf": f"IVF{build['nlist']},Flat", "hnsw": f"HNSW{build['M']},Flat"}.get(kind, kind)
+
+
+def make_index(metric: str, dim: int, build: dict):
+    """A new CPU faiss index for the build options; ValueError naming ``index`` if faiss rejects it."""
+    try:
+        index = faiss.index_factory(dim, factory_string(build), _METRICS[metric])
+    except RuntimeError as e:
+        raise ValueError(f"index={build['index']!r} is not a valid faiss index_factory string: "
+                         f"{str(e).splitlines()[-1]}") from None
+    hnsw = faiss.downcast_index(index)
+    if isinstance(hnsw, faiss.IndexHNSW):
+        hnsw.hnsw.efConstruction = build["ef_construction"]
+    return index
+
+
+def _one_thread(fn, *args):
+    """Run a faiss call with one OpenMP thread (the ICV is per calling thread, so other threads are unaffected)."""
+    prev = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
+class FaissSegmentIndex(SegmentIndex):
+    """One faiss index over one segment; keys are buffered until a trainable index is trained."""
+
+    def __init__(self, metric, dim, span, build, index=None):
+        super().__init__(metric, dim, span, build)
+        self.index = make_index(metric, dim, build) if index is None else index
+        self.gpu = build.get("device") == "cuda"
+        self.removes = build["index"] in ("flat", "ivf") and not self.gpu
+        self.count = self.removed = 0
+        self.state = _TRAINED if self.index.is_trained else _PENDING
+        self.pending = []                  # keys [n, dim] awaiting training
+        self.params = self.sel = None
+        self.search_args = {}
+        if self.gpu and self.state == _TRAINED:
+            self._to_gpu()
+
+    def _to_gpu(self):
+        res, self.lock = _gpu_resources()
+        self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
+
+    def add(self, keys):
+        self.count += len(keys)
+        if self.state == _TRAINED:
+            self._add(keys)
+        elif self.state == _PENDING:
+            self.pending.append(keys)
+            if self.count >= self.span:    # train once the segment is full, on all its keys
+                self._train()
+
+    def _train(self):
+        keys, self.pending = np.concatenate(self.pending), []
+        try:
+            self.index.train(keys)
+        except RuntimeError:               # too few keys for nlist / the codebooks: stay exact
+            self.state, self.index = _FAILED, None
+            return
+        self.state = _TRAINED
+        if self.gpu:
+            self._to_gpu()
+        self._add(keys)
+        self._update_params()
+
+    def _add(self, keys):
+        # nothing is ever physically removed, so faiss' sequential ids are our local positions
+        if self.gpu:
+            with self.lock:
+                self.index.add(keys)
+        else:
+            self.index.add(keys)
+
+    def ready(self):
+        return self.state == _TRAINED
+
+    def remove_below(self, position):
+        self.removed = position
+        self._update_params()
+
+    def set_query_arguments(self, **search):
+        self.search_args = search
+        self._update_params()
+
+    def _update_params(self):
+        """Search parameters (and the selector hiding removed positions) passed to every search."""
+        if self.state != _TRAINED:
+            return
+        nprobe, ef = self.search_args.get("nprobe"), self.search_args.get("ef_search")
+        kind = self.build["index"]
+        if self.gpu or kind not in KINDS:   # composite indices: set attributes wherever they apply
+            space = faiss.GpuParameterSpace() if self.gpu else faiss.ParameterSpace()
+            for name, value in (("nprobe", nprobe), ("efSearch", ef)):
+                if value is None:
+                    continue
+                try:
+                    space.set_index_parameter(self.index, name, value)
+                except RuntimeError:       # the index has no such parameter
+                    pass
+            return
+        if kind == "hnsw":
+            self.params = faiss.SearchParametersHNSW(efSearch=ef) if ef else None
+            return
+        self.sel = faiss.IDSelectorRange(self.removed, 1 << 62) if self.removed else None
+        if kind == "ivf":
+            self.params = faiss.SearchParametersIVF(sel=self.sel, nprobe=nprobe or self.index.nprobe)
+        else:
+            self.params = faiss.SearchParameters(sel=self.sel) if self.sel is not None else None
+
+    def batch_query(self, queries, k):
+        if self.gpu:
+            with self.lock:
+                return self.index.search(queries, k)[1]
+        return _one_thread(lambda: self.index.search(queries, k, params=self.params)[1])
+
+    def serialize(self):
+        head = np.array([self.state, self.count, self.removed], np.int64).tobytes()
+        if self.state == _TRAINED:
+            index = faiss.index_gpu_to_cpu(self.index) if self.gpu else self.index
+            body = faiss.serialize_index(index).tobytes()
+        elif self.state == _PENDING:
+            body = np.concatenate(self.pending or [np.zeros((0, self.dim), np.float32)]).tobytes()
+        else:
+            body = b""
+        return head + body
+
+    @classmethod
+    def deserialize(cls, data, metric, dim, span, build):
+        if len(data) < 24:
+            raise ValueError(f"saved faiss segment index is truncated ({len(data)} bytes)")
+        state, count, removed = np.frombuffer(data[:24], np.int64).tolist()
+        body, index = data[24:], None
+        if state == _TRAINED:
+            try:
+                index = faiss.deserialize_index(np.frombuffer(body, np.uint8))
+            except RuntimeError as e:
+                raise ValueError(f"saved faiss index is unreadable: {str(e).splitlines()[-1]}") from None
+            if index.d != dim or index.ntotal != count:
+                raise ValueError(f"saved faiss index has dim {index.d} and {index.ntotal} keys, "
+                                 f"expected dim {dim} and {count}")
+        elif state not in (_PENDING, _FAILED):
+            raise ValueError(f"saved faiss segment index has unknown state {state}")
+        self = cls(metric, dim, span, build, index)
+        self.count, self.removed, self.state = count, removed, state
+        if state == _PENDING:
+            self.pending = [np.frombuffer(body, np.float32).reshape(-1, dim).copy()]
+        elif state == _FAILED:
+            self.index = None
+        self._update_params()
+        return self
+
+
+class FaissBackend(SegmentedBackend):
+    """Approximate top-k with faiss, one index per (row, head, segment).
+
+    Build options (besides segment_size, exact_below, num_threads of
+    :class:`~kvmemory.backends.segmented.SegmentedBackend`):
+        index: "flat" (exact IndexFlatIP/L2), "ivf" (IndexIVFFlat, the default),
+            "hnsw" (IndexHNSWFlat), or any faiss index_factory string such as
+            "IVF256,PQ16x4fs" or "HNSW32,Flat". Indices that need training
+            (IVF, PQ, ...) buffer their segment's keys and are trained once
+            the segment is full; until then (or if training fails, e.g. fewer
+            keys than lists) the segment is searched exactly. Evicted entries
+            are hidden by an id selector for "flat" and "ivf" (on CPU);
+            other indices are over-fetched and filtered.
+        nlist: IVF lists per segment, for index="ivf" (default
+            ``default_nlist(segment_size)``: ~4 sqrt(segment_size), >= 39 keys per list).
+        M: HNSW links per node, for index="hnsw" (default 32, >= 2).
+        ef_construction: HNSW build beam, for any top-level HNSW index (default 40).
+        device: "auto" (GPU if faiss has GPU support and sees a GPU, else CPU),
+            "cpu" or "cuda" (an error without GPU support). "hnsw" has no GPU
+            version and stays on the CPU under "auto".
+
+    Search options (``Memory.set_search_options``):
+        nprobe: IVF lists scanned per query (default: nlist // 8, at least 1).
+        ef_search: HNSW search beam (default 64; faiss uses max(ef_search, k)).
+
+    Threads: searches run on the segmented layer's pool, one task per
+    (row, head, segment[, query chunk]); each faiss search call runs with one
+    OpenMP thread (``omp_set_num_threads(1)`` around the call, which only
+    affects the calling thread), so faiss never oversubscribes the pool.
+    Adds and training run on the caller's thread with faiss' default threads.
+    """
+
+    name = "faiss"
+    segment_index = FaissSegmentIndex
+    build_options = {**SegmentedBackend.build_options, "index": "ivf", "nlist": None, "M": 32,
+                     "ef_construction": 40, "device": "auto"}
+    search_options = {"nprobe": None, "ef_search": None}
+
+    def __init__(self, config, **options):
+        super().__init__(config, **options)
+        o = self.options
+        if not isinstance(o["index"], str):
+            raise ValueError(f"index must be one of {KINDS} or a faiss index_factory string, got {o['index']!r}")
+        if o["nlist"] is None:
+            o["nlist"] = default_nlist(o["segment_size"])
+        o["nlist"] = _positive_int("nlist", o["nlist"])
+        o["M"] = _positive_int("M", o["M"])
+        if o["M"] < 2:
+            raise ValueError(f"M must be an int >= 2, got {o['M']!r}")
+        o["ef_construction"] = _positive_int("ef_construction", o["ef_construction"])
+        if o["device"] not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {o['device']!r}")
+        make_index(self.index_metric, config.key_dim, o)          # reject a bad factory string now
+        self.device = self._resolve_device(o["device"], o["index"])
+        self.library_build = {**{k: o[k] for k in ("index", "nlist", "M", "ef_construction")},
+                              "device": self.device}
+        self.search_args = self._check_search(self.search_args)
+
+    def _resolve_device(self, device: str, kind: str) -> str:
+        if device == "cpu" or (device == "auto" and (kind == "hnsw" or not has_gpu())):
+            return "cpu"
+        if not has_gpu():
+            raise ValueError("device='cuda' needs faiss with GPU support (faiss-gpu) and a visible GPU; "
+                             "this faiss has none: use device='cpu' or 'auto'")
+        if kind == "hnsw":
+            raise ValueError("index='hnsw' has no faiss GPU implementation: use device='cpu' or index='ivf'")
+        return "cuda"
+
+    def _check_search(self, args: dict) -> dict:
+        defaults = {"nprobe": max(1, self.options["nlist"] // 8), "ef_search": 64}
+        return {k: _positive_int(k, defaults[k] if v is None else v) for k, v in args.items()}
+
+    def set_search_options(self, **options) -> None:
+        known = self._check_search({k: v for k, v in options.items() if k in self.search_options})
+        super().set_search_options(**{**options, **known})     # the base class rejects unknown names

@@ -1,0 +1,55 @@
+"""Assertions every backend's search results must satisfy, against the reference model."""
+
+import numpy as np
+
+from reference import true_scores
+
+# backends whose results must equal the exact top-k (ties aside)
+EXACT_BACKENDS = {"exact", "torch", "test-segmented"}
+
+
+def to_numpy(x):
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+    return np.asarray(x)
+
+
+def check_result(res, ref, queries, k, exact, atol=1e-4):
+    """Check a SearchResult against ReferenceMemory ``ref`` for queries [B, T, H, D]."""
+    keys, values, scores, ids, mask = (to_numpy(a) for a in res)
+    B, T, H, D = queries.shape
+    assert ids.shape == (B, T, H, k) and ids.dtype == np.int64
+    assert mask.shape == (B, T, H, k) and mask.dtype == bool
+    assert scores.shape == (B, T, H, k) and scores.dtype == np.float32
+    assert keys.shape == (B, T, H, k, D)
+    assert values.shape[:4] == (B, T, H, k)
+    sizes = ref.size()
+    for b in range(B):
+        live = ref.live(b)
+        for t in range(T):
+            for h in range(H):
+                m, i = mask[b, t, h], ids[b, t, h]
+                n = int(m.sum())
+                # valid slots first, then masked slots with ids -1 and zeros
+                assert m[:n].all() and not m[n:].any(), m
+                assert (i[n:] == -1).all() and (scores[b, t, h, n:] == 0).all()
+                assert not keys[b, t, h, n:].any() and not values[b, t, h, n:].any()
+                assert n <= min(k, sizes[b])
+                got = i[:n]
+                assert len(set(got.tolist())) == n, f"duplicate ids {got}"
+                for j, entry_id in enumerate(got):
+                    assert entry_id in live, f"row {b} returned id {entry_id}, not live ({sorted(live)})"
+                    k_ref, v_ref = live[entry_id]
+                    np.testing.assert_allclose(keys[b, t, h, j], k_ref[h], rtol=1e-6, atol=1e-6)
+                    np.testing.assert_allclose(values[b, t, h, j], v_ref[h], rtol=1e-6, atol=1e-6)
+                got_scores = scores[b, t, h, :n].astype(np.float64)
+                expect = true_scores(ref.metric, queries[b, t, h], keys[b, t, h, :n]) if n else got_scores
+                np.testing.assert_allclose(got_scores, expect, rtol=1e-4, atol=atol)
+                assert (np.diff(got_scores) <= atol).all(), "scores not sorted best first"
+                if exact:
+                    assert n == min(k, sizes[b])
+                    _, all_scores = ref.scores(b, h, queries[b, t, h])
+                    best = np.sort(all_scores)[::-1][:n]
+                    np.testing.assert_allclose(got_scores, best, rtol=1e-4, atol=atol)

@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+import kvmemory
+
+kvmemory.register_backend("test-segmented", "flat_segment:FlatSegmentedBackend")
+
+SEGMENTED = {"faiss", "scann", "hnsw", "test-segmented"}
+
+
+def installed_backends():
+    """Every registered backend whose library is installed (test-segmented included)."""
+    return [name for name, ok in kvmemory.available_backends().items() if ok]
+
+
+def backend_options(backend, capacity):
+    """Options that make a backend exercise its real index even at test sizes."""
+    if backend in SEGMENTED:
+        return {"exact_below": 0, "segment_size": max(1, capacity // 3), "num_threads": 2}
+    if backend == "torch":
+        return {"device": "cpu"}
+    return {}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
