@@ -1,8 +1,9 @@
 """One-file save/load of a Memory: an uncompressed .npz with a JSON header.
 
 Layout: ``__kvmemory__`` holds the UTF-8 JSON header (format, version, config,
-backend name, resolved options); every other member is an array of the
-backend's ``state_dict``. Files are written to a temporary name and renamed,
+backend name, resolved options, a CRC-32 of every array); every other member
+is an array of the backend's ``state_dict``. numpy's npz reader does not
+verify zip CRCs of members it reads, so the checksums are ours. Files are written to a temporary name and renamed,
 so a crash never leaves a half-written file under the real name.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -20,14 +22,15 @@ HEADER = "__kvmemory__"
 
 
 def save(path, memory) -> None:
+    arrays = {name: np.ascontiguousarray(arr) for name, arr in memory.backend.state_dict().items()}
     header = {
         "format": FORMAT,
         "version": VERSION,
         "config": memory.config.as_dict(),
         "backend": memory.backend_name,
         "options": memory.options,
+        "crc32": {name: _crc(arr) for name, arr in arrays.items()},
     }
-    arrays = {name: np.asarray(arr) for name, arr in memory.backend.state_dict().items()}
     arrays[HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -38,6 +41,10 @@ def save(path, memory) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _crc(arr: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
 
 
 def _read(path):
@@ -58,6 +65,12 @@ def _read(path):
             f"{os.fspath(path)!r} was saved in kvmemory file format version "
             f"{header.get('version')!r}; this kvmemory reads version {VERSION}"
         )
+    checksums = header.get("crc32")
+    if not isinstance(checksums, dict) or set(checksums) != set(arrays):
+        raise ValueError(f"{os.fspath(path)!r} has a header whose checksums do not list its arrays")
+    for name, arr in arrays.items():
+        if _crc(arr) != checksums[name]:
+            raise ValueError(f"{os.fspath(path)!r} is corrupt: array {name!r} fails its CRC-32 check")
     return header, arrays
 
 

@@ -117,8 +117,9 @@ def test_bad_clear_rows():
     ({"metric": "dot"}, ValueError, "metric must be one of \\('ip', 'cosine', 'l2'\\), got 'dot'"),
     ({"backend": "annoy"}, ValueError, "backend must be one of .*'exact'.* got 'annoy'"),
     ({"backend": None}, ValueError, "backend must be one of"),
-    ({"ef": 10}, ValueError, "unknown option\\(s\\) \\['ef'\\] for backend 'exact'; valid options: \\['block_bytes'\\]"),
+    ({"ef": 10}, ValueError, "unknown option\\(s\\) \\['ef'\\] for backend 'exact'; valid options: \\['block_bytes', 'num_threads'\\]"),
     ({"block_bytes": 0}, ValueError, "block_bytes must be a positive int"),
+    ({"num_threads": -2}, ValueError, "num_threads must be a positive int"),
 ])
 def test_bad_construction(kwargs, error, match):
     args = {"key_dim": 4, **kwargs}

@@ -90,11 +90,11 @@ def test_heads_are_independent_indices(rng):
 
 
 @pytest.mark.parametrize("metric", kvmemory.METRICS)
-@pytest.mark.parametrize("block_bytes", [64 << 20, 4096])
-def test_exact_matches_reference(metric, block_bytes, rng):
+@pytest.mark.parametrize("block_bytes, num_threads", [(64 << 20, 1), (4096, 1), (4096, 2)])
+def test_exact_matches_reference(metric, block_bytes, num_threads, rng):
     """Also with a tiny score budget, so the blocked merge across key blocks is exercised."""
     mem = kvmemory.Memory(key_dim=8, value_dim=2, capacity=300, num_heads=2, batch_size=2,
-                          metric=metric, block_bytes=block_bytes)
+                          metric=metric, block_bytes=block_bytes, num_threads=num_threads)
     ref = ReferenceMemory(2, 300, metric)
     for tokens in (100, 250, 7):
         keys, values = rand(rng, 2, tokens, 2, 8), rand(rng, 2, tokens, 2, 2)
@@ -115,8 +115,9 @@ def test_two_stage_topk_is_exact_on_large_blocks(rng):
 
     q = rand(rng, 3, 7, 16)
     keys = rand(rng, 3, 20000, 16)
-    n_valid = np.array([20000, 15000, 33])
-    got = blocked_topk(q, keys, n_valid, 32, block_bytes=1 << 20)
+    n_valid = np.array([40000, 15000, 33])
+    keys = np.concatenate([keys, keys], axis=1)
+    got = blocked_topk(q, keys, n_valid, 32, block_bytes=1 << 20, threads=2)
     for g in range(3):
         scores = q[g] @ keys[g, :n_valid[g]].T
         want = np.sort(scores, 1)[:, ::-1][:, :32]

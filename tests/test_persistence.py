@@ -2,6 +2,7 @@
 
 import json
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -77,13 +78,14 @@ def test_corrupt_and_truncated_files(tmp_path):
     with pytest.raises(ValueError, match="not a readable kvmemory file"):
         kvmemory.Memory.load(tmp_path / "garbage")
     flipped = bytearray(data)
-    flipped[len(data) // 3] ^= 0xFF  # inside the keys array: CRC mismatch
+    at = data.index(np.load(path)["keys"].tobytes()[:64]) + 8  # inside the keys array's data
+    flipped[at] ^= 0xFF
     (tmp_path / "flipped").write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="not a readable kvmemory file"):
+    with pytest.raises(ValueError, match="not a readable kvmemory file: Bad CRC-32"):
         kvmemory.Memory.load(tmp_path / "flipped")
 
 
-def rewrite(src, dst, change_header=None, change_arrays=None):
+def rewrite(src, dst, change_header=None, change_arrays=None, keep_crc=False):
     with np.load(src) as z:
         arrays = {k: z[k] for k in z.files}
     header = json.loads(bytes(arrays.pop("__kvmemory__")).decode())
@@ -91,6 +93,8 @@ def rewrite(src, dst, change_header=None, change_arrays=None):
         change_header(header)
     if change_arrays:
         change_arrays(arrays)
+    if not keep_crc:
+        header["crc32"] = {k: zlib.crc32(np.ascontiguousarray(v).view(np.uint8).reshape(-1)) for k, v in arrays.items()}
     arrays["__kvmemory__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     with open(dst, "wb") as f:
         np.savez(f, **arrays)
@@ -135,6 +139,26 @@ def test_mismatched_arrays(tmp_path):
     rewrite(tmp_path / "m", tmp_path / "cfg", change_header=lambda h: h["config"].update(capacity=11))
     with pytest.raises(ValueError, match="saved 'keys' has shape"):
         kvmemory.Memory.load(tmp_path / "cfg")
+
+
+def test_changed_array_fails_our_checksum(tmp_path):
+    """A consistent zip whose array differs from what was saved (e.g. rewritten by another tool)."""
+    filled().save(tmp_path / "m")
+    rewrite(tmp_path / "m", tmp_path / "edited", change_arrays=lambda a: a.update(values=a["values"] + 1),
+            keep_crc=True)
+    with pytest.raises(ValueError, match="corrupt: array 'values' fails its CRC-32 check"):
+        kvmemory.Memory.load(tmp_path / "edited")
+
+
+def test_array_not_listed_in_checksums(tmp_path):
+    filled().save(tmp_path / "m")
+    with np.load(tmp_path / "m") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["extra"] = np.zeros(3)
+    with open(tmp_path / "extra", "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="checksums do not list its arrays"):
+        kvmemory.Memory.load(tmp_path / "extra")
 
 
 def test_file_is_a_plain_zip_of_arrays(tmp_path):

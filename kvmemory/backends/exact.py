@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..metrics import column_transform
@@ -13,17 +15,20 @@ class ExactBackend(HostBackend):
     """Exact top-k by blocked batched matmul over all (row, head) pairs at once.
 
     Options:
-        block_bytes: most bytes of float32 scores held at once (default 64 MiB).
+        block_bytes: most bytes of float32 scores held at once per thread (default 64 MiB).
+        num_threads: threads searching blocks of (row, head) indices (default: all cores).
     """
 
     name = "exact"
-    build_options = {"block_bytes": 64 << 20}
+    build_options = {"block_bytes": 64 << 20, "num_threads": None}
 
     def __init__(self, config, **options):
         super().__init__(config, **options)
-        block = self.options["block_bytes"]
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"block_bytes must be a positive int, got {block!r}")
+        self.options["num_threads"] = self.options["num_threads"] or os.cpu_count() or 1
+        for name in ("block_bytes", "num_threads"):
+            value = self.options[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
         B, T, H, D = queries.shape
@@ -34,6 +39,7 @@ class ExactBackend(HostBackend):
         sq = ring.sqnorms.reshape(B * H, C) if ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
         n_valid = np.repeat(ring.sizes(), H)
-        slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"])
+        slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
+                             self.options["num_threads"])
         slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
         return self.slots_to_ids(slots)
