@@ -10,7 +10,7 @@ from . import persistence
 from .config import MemoryConfig
 from .registry import get_backend_class
 from .result import SearchResult
-from .validation import check_float_array, check_k, rows_to_mask
+from .validation import check_float_array, check_k
 
 
 class Memory:
@@ -97,9 +97,7 @@ class Memory:
 
     def clear(self, rows=None) -> None:
         """Forget every entry of ``rows`` (an int, ints, or a bool mask [batch]); all rows if None."""
-        mask = rows_to_mask(rows, self.batch_size)
-        if mask.any():
-            self.backend.clear(mask)
+        self.backend.clear(self.backend.rows_mask(rows))
 
     def set_search_options(self, **options) -> None:
         """Change search-time options (e.g. ``ef``, ``nprobe``) for later searches."""

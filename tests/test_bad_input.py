@@ -149,5 +149,5 @@ def test_builtin_backend_without_its_library(backend, module, extra, monkeypatch
     real = kvmemory.registry.importlib.util.find_spec
     monkeypatch.setattr(kvmemory.registry.importlib.util, "find_spec",
                         lambda name, *a: None if name == module else real(name, *a))
-    with pytest.raises(ImportError, match=rf"{module!r} module.*pip install 'kvmemory\\[{extra}\\]'"):
+    with pytest.raises(ImportError, match=rf"{module!r} module.*pip install 'kvmemory\[{extra}\]'"):
         kvmemory.Memory(key_dim=4, backend=backend)

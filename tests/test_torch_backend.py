@@ -14,6 +14,15 @@ from kvmemory_torch import TorchBackend  # noqa: E402
 B, H, C, DK, DV = 3, 2, 32, 16, 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pair(metric="ip", capacity=C, **options):
     """An exact memory and a torch memory of the same shape."""
     shape = dict(key_dim=DK, value_dim=DV, capacity=capacity, num_heads=H, batch_size=B, metric=metric)
@@ -131,6 +140,23 @@ def test_clear_mask_tensor_matches_clear():
         mem.backend.clear_mask_tensor(torch.tensor([0, 1, 0]))
 
 
+def test_memory_clear_keeps_a_device_mask_on_the_device(monkeypatch):
+    """Memory.clear(bool tensor) reaches clear_mask_tensor without a numpy round trip."""
+    rng = np.random.default_rng(2)
+    exact, mem = pair()
+    k, v = entries(rng, 6)
+    exact.add(k, v)
+    mem.add(k, v)
+    import kvmemory.backends.base
+    exact.clear([0, 2])
+    monkeypatch.setattr(kvmemory.backends.base, "rows_to_mask", lambda *a: pytest.fail("host mask built"))
+    mem.clear(torch.tensor([True, False, True]))
+    np.testing.assert_array_equal(mem.size, exact.size)
+    with pytest.raises(ValueError, match=r"bool mask must have shape \(3,\), got \(2,\)"):
+        mem.clear(torch.tensor([True, False]))
+    np.testing.assert_array_equal(mem.size, exact.size)
+
+
 def test_empty_memory_and_empty_query():
     _, mem = pair()
     res = mem.search(torch.randn(B, 2, H, DK), k=3)
@@ -176,7 +202,7 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(mem.search(q, 5), loaded.search(q, 5)):
         assert torch.equal(a, b)
     fp32 = kvmemory.Memory.load(path, score_dtype="float32")
-    assert fp32.backend.keys_lp is None and torch.equal(fp32.search(q, 5).ids, mem.search(q, 5).ids)
+    assert fp32.backend.scan_keys.dtype == torch.float32 and torch.equal(fp32.search(q, 5).ids, mem.search(q, 5).ids)
 
 
 def test_load_state_dict_refuses_mismatch_and_keeps_state():

@@ -41,7 +41,9 @@ turns any accepted array into it):
     the top-k live entries of each query's (row, head), best first; slots
     beyond what a row holds are masked (ids -1, zeros elsewhere).
 ``clear(mask [B] bool)``
-    forget every entry of the masked rows; their ids restart at 0.
+    forget every entry of the masked rows; their ids restart at 0. ``mask``
+    is what ``rows_mask`` made of the caller's ``rows`` (a numpy bool array
+    unless the backend overrides ``rows_mask``, e.g. to keep a device mask).
 ``counts() -> np.ndarray [B] int64``
     entries added per row since its last clear (not capped at capacity).
 ``state_dict() -> dict[str, np.ndarray]`` / ``load_state_dict(state)``
@@ -54,7 +56,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import METRICS, MemoryConfig
-from ..validation import FLOAT_DTYPES
+from ..validation import FLOAT_DTYPES, rows_to_mask
 
 
 class Backend:
@@ -101,6 +103,10 @@ class Backend:
 
     def all_finite(self, x) -> bool:
         return bool(np.isfinite(x).all())
+
+    def rows_mask(self, rows):
+        """``Memory.clear``'s rows (None, int, ints or bool mask [B]) as the mask ``clear`` takes."""
+        return rows_to_mask(rows, self.config.batch_size)
 
     # -- the interface -------------------------------------------------------------
     def add(self, keys, values) -> None:
