@@ -127,7 +127,8 @@ class TorchBackend(Backend):
                     f"there or build the memory with device={str(x.device)!r}"
                 )
             return x.detach().to(torch.float32)
-        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+        with np.errstate(over="ignore"):  # overflow to inf is reported by all_finite
+            return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
 
     def all_finite(self, x: torch.Tensor) -> bool:
         if not self.options["check_finite"]:

@@ -22,6 +22,7 @@ KINDS = ("flat", "ivf", "hnsw")
 DEVICES = ("auto", "cpu", "cuda")
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _TRAINED, _PENDING, _FAILED = 0, 1, 2     # serialized state of a segment index
+TRAIN_AT = 1.0
 _gpu = {}                                 # lazily made StandardGpuResources and the lock serialising its use
 
 
@@ -95,7 +96,7 @@ class FaissSegmentIndex(SegmentIndex):
             self._add(keys)
         elif self.state == _PENDING:
             self.pending.append(keys)
-            if self.count >= self.span:    # train once the segment is full, on all its keys
+            if self.count >= min(self.span, max(TRAIN_AT * self.span, 39 * self.build["nlist"])):
                 self._train()
 
     def _train(self):

@@ -108,9 +108,11 @@ class ScannSegmentIndex(SegmentIndex):
 
     def batch_query(self, queries: np.ndarray, k: int) -> np.ndarray:
         if self.built:
-            full = self.build["num_leaves"]
-            leaves = min(self.leaves, math.ceil(self.search["num_leaves_to_search"] * self.leaves / full))
-            reorder = max(k, self.search["reorder"])
+            L, reorder = self.leaves, max(k, self.search["reorder"])
+            # the same fraction of leaves as a full segment, and enough to hold ~reorder entries on average
+            leaves = max(math.ceil(self.search["num_leaves_to_search"] * L / self.build["num_leaves"]),
+                         math.ceil(reorder * L / self.n))
+            leaves = min(L, leaves)
             ids, dist = self.searcher.search_batched(queries, k, reorder, leaves)
         else:
             ids, dist = self.searcher.search_batched(queries, k)
@@ -210,7 +212,9 @@ class ScannBackend(SegmentedBackend):
     def __init__(self, config, **options):
         super().__init__(config, **options)
         o, S = self.options, self.options["segment_size"]
-        o["num_leaves"] = _positive_int("num_leaves", o["num_leaves"] or max(1, round(math.sqrt(S))))
+        if o["num_leaves"] is None:
+            o["num_leaves"] = max(1, round(math.sqrt(S)))
+        _positive_int("num_leaves", o["num_leaves"])
         for name in ("tree_min_size", "training_sample_size", "hash_training_sample_size"):
             _positive_int(name, o[name])
         dpb = _positive_int("dimensions_per_block", o["dimensions_per_block"])
