@@ -79,26 +79,28 @@ class HostBackend(Backend):
     def finish(self, queries: np.ndarray, ids: np.ndarray, k: int) -> SearchResult:
         """Turn candidate ids [B,T,H,m] into the top-k SearchResult (live entries only, exact scores)."""
         B, T, H, _ = queries.shape
-        counts = self.ring.counts[:, None, None, None]
-        lo = self.ring.live_start()[:, None, None, None]
+        ring = self.ring
+        counts = ring.counts[:, None, None, None]
+        lo = ring.live_start()[:, None, None, None]
         ids = np.where((ids >= lo) & (ids < counts), ids, -1)
-        keys, values, sq = self.ring.gather(ids)
-        scores = score_candidates(self.config.metric, queries, keys, sq).astype(np.float32)
-        scores = np.where(ids >= 0, scores, -np.inf)
+        sq = ring.take(ring.sqnorms, ids) if ring.sqnorms is not None else None
+        scores = score_candidates(self.config.metric, queries, ring.take(ring.keys, ids), sq)
+        scores = np.where(ids >= 0, scores.astype(np.float32), -np.inf)
         m = ids.shape[-1]
-        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-        ids = np.take_along_axis(ids, order, -1)
-        scores = np.take_along_axis(scores, order, -1)
-        keys = np.take_along_axis(keys, order[..., None], -2)
-        values = np.take_along_axis(values, order[..., None], -2)
+        if m > k:  # keep the k best, then sort only those
+            top = np.argpartition(scores, m - k, axis=-1)[..., m - k:]
+            ids, scores = np.take_along_axis(ids, top, -1), np.take_along_axis(scores, top, -1)
+        order = np.argsort(-scores, axis=-1, kind="stable")
+        ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
         if m < k:
-            pad = k - m
-            ids = np.concatenate([ids, np.full((B, T, H, pad), -1, np.int64)], -1)
-            scores = np.concatenate([scores, np.zeros((B, T, H, pad), np.float32)], -1)
-            keys = np.concatenate([keys, np.zeros((B, T, H, pad, keys.shape[-1]), np.float32)], -2)
-            values = np.concatenate([values, np.zeros((B, T, H, pad, values.shape[-1]), np.float32)], -2)
+            ids = np.concatenate([ids, np.full((B, T, H, k - m), -1, np.int64)], -1)
+            scores = np.concatenate([scores, np.zeros((B, T, H, k - m), np.float32)], -1)
         mask = ids >= 0
-        scores = np.where(mask, scores, np.float32(0))
-        keys = np.where(mask[..., None], keys, np.float32(0))
-        values = np.where(mask[..., None], values, np.float32(0))
-        return SearchResult(keys=keys, values=values, scores=scores, ids=ids.astype(np.int64), mask=mask)
+        zero = np.float32(0)
+        return SearchResult(
+            keys=np.where(mask[..., None], ring.take(ring.keys, ids), zero),
+            values=np.where(mask[..., None], ring.take(ring.values, ids), zero),
+            scores=np.where(mask, scores, zero),
+            ids=ids.astype(np.int64, copy=False),
+            mask=mask,
+        )

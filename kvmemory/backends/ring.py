@@ -70,14 +70,14 @@ class Ring:
     def clear(self, mask: np.ndarray) -> None:
         self.counts[mask] = 0
 
-    def gather(self, ids: np.ndarray):
-        """Keys, values and squared norms of ids [B,T,H,m] (-1 allowed: gives slot 0, caller masks)."""
+    def take(self, store: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``store`` [B, H, C, ...] (keys, values or sqnorms) at ids [B, T, H, m] -> [B, T, H, m, ...].
+
+        Ids of -1 read slot 0: the caller masks them.
+        """
         B, _, H, _ = ids.shape
         slots = np.where(ids >= 0, ids % self.capacity, 0)
-        b = np.arange(B)[:, None, None, None]
-        h = np.arange(H)[None, None, :, None]
-        sq = self.sqnorms[b, h, slots] if self.sqnorms is not None else None
-        return self.keys[b, h, slots], self.values[b, h, slots], sq
+        return store[np.arange(B)[:, None, None, None], np.arange(H)[None, None, :, None], slots]
 
     def state_dict(self) -> dict:
         state = {"keys": self.keys, "values": self.values, "counts": self.counts}

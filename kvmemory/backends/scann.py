@@ -36,6 +36,7 @@ from .segment_index import SegmentIndex
 from .segmented import SegmentedBackend, _positive_int
 
 _DISTANCE = {"ip": "dot_product", "l2": "squared_l2"}
+SCAN_PER_REORDER = 8   # a search covers leaves holding at least this many entries per reorder candidate
 _AH_CLUSTERS = 16      # lut16 asymmetric hashing: AH training needs at least this many points
 
 
@@ -109,9 +110,9 @@ class ScannSegmentIndex(SegmentIndex):
     def batch_query(self, queries: np.ndarray, k: int) -> np.ndarray:
         if self.built:
             L, reorder = self.leaves, max(k, self.search["reorder"])
-            # the same fraction of leaves as a full segment, and enough to hold ~reorder entries on average
+            # the same fraction of leaves as a full segment, and enough to hold ~8 * reorder entries on average
             leaves = max(math.ceil(self.search["num_leaves_to_search"] * L / self.build["num_leaves"]),
-                         math.ceil(reorder * L / self.n))
+                         math.ceil(SCAN_PER_REORDER * reorder * L / self.n))
             leaves = min(L, leaves)
             ids, dist = self.searcher.search_batched(queries, k, reorder, leaves)
         else:
@@ -186,11 +187,14 @@ class ScannBackend(SegmentedBackend):
             "ip"/"cosine", e.g. 0.2; None disables it (default None: slower builds, no recall
             gain measured once results are reordered).
         training_sample_size: entries sampled to train the tree (k-means) (default 65536).
-        hash_training_sample_size: entries sampled to train the AH codebooks (default 4096).
+        hash_training_sample_size: entries sampled to train the AH codebooks (default 1024;
+            4096 measured 1.7x slower adds, same recall after reordering).
 
     Search options:
         num_leaves_to_search: leaves searched per query in a full segment's tree; smaller trees
-            search the same fraction (default ceil(num_leaves / 8)).
+            search the same fraction, and every tree at least enough leaves to hold ~8 * reorder
+            entries on average (default ceil(num_leaves / 8)). Recall@32 on MiniLM keys, 16384-entry
+            segment: 1/8 of the leaves 0.96-0.98; 8192-entry segment: 0.71 at 1/8, 0.90 at 1/4.
         reorder: candidates per query re-scored exactly in float32 after AH scoring; at least
             k is used (default 256).
     """
@@ -205,7 +209,7 @@ class ScannBackend(SegmentedBackend):
         "dimensions_per_block": 2,
         "anisotropic_quantization_threshold": None,
         "training_sample_size": 65536,
-        "hash_training_sample_size": 4096,
+        "hash_training_sample_size": 1024,
     }
     search_options = {"num_leaves_to_search": None, "reorder": 256}
 

@@ -107,6 +107,7 @@ class SegmentedBackend(HostBackend):
 
     def _index_add(self, start: np.ndarray, stop: np.ndarray) -> None:
         S = self.options["segment_size"]
+        jobs = []  # (index, keys [n, D]); no index appears twice, so they may run in parallel
         for b in range(self.config.batch_size):
             a, e = int(start[b]), int(stop[b])
             segs = self.segments[b]
@@ -117,11 +118,21 @@ class SegmentedBackend(HostBackend):
                     segs.append(last)
                 n = min(S - last.count, e - a)
                 keys = self._keys_for_index(b, np.arange(a, a + n))
-                for h, index in enumerate(last.indexes):
-                    index.add(np.ascontiguousarray(keys[h]))
+                jobs.extend((index, np.ascontiguousarray(keys[h])) for h, index in enumerate(last.indexes))
                 last.count += n
                 a += n
+        self._map(lambda job: job[0].add(job[1]), jobs)
+        for b in range(self.config.batch_size):
             self._evict(b)
+
+    def _map(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]``, on the thread pool when there is more than one item."""
+        threads = self.options["num_threads"]
+        if threads == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(threads, "kvmemory-index")
+        return list(self._pool.map(fn, items))
 
     def _evict(self, b: int) -> None:
         lo = int(self.ring.live_start()[b])
@@ -185,12 +196,7 @@ class SegmentedBackend(HostBackend):
         if self.config.metric == "cosine":
             norms = np.linalg.norm(queries, axis=-1, keepdims=True)
             index_queries = np.divide(queries, norms, out=np.zeros_like(queries), where=norms > 0)
-        if threads > 1 and len(tasks) > 1:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(threads, "kvmemory-search")
-            results = list(self._pool.map(lambda t: self._search_one(t, queries, index_queries), tasks))
-        else:
-            results = [self._search_one(t, queries, index_queries) for t in tasks]
+        results = self._map(lambda t: self._search_one(t, queries, index_queries), tasks)
         groups = {}
         for task, ids in zip(tasks, results):
             groups.setdefault((task[0], task[1], task[7]), []).append(ids)

@@ -1,0 +1,51 @@
+"""ScaNN called directly, with the parameters backend="scann" uses, as one monolithic index.
+
+The benchmark harness compares this with ``Memory(backend="scann")`` over the
+same keys to measure what kvmemory's segmenting and re-scoring cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from scann.scann_ops.py import scann_ops_pybind as sop
+
+from kvmemory.backends.scann import SCAN_PER_REORDER, ScannBackend
+
+
+def build_and_search(keys, queries, k, metric, params):
+    """(ids [t, k] int64 (-1 pads), build_seconds, search_seconds) of one ScaNN tree-AH index.
+
+    keys [n, d] float32, queries [t, d] float32, metric "ip" | "cosine" | "l2";
+    params: any of ScannBackend's options (num_leaves, num_leaves_to_search,
+    reorder, dimensions_per_block, anisotropic_quantization_threshold,
+    training_sample_size, hash_training_sample_size); the rest are the
+    backend's defaults for a single segment of n = len(keys) entries.
+    """
+    keys = np.ascontiguousarray(keys, np.float32)
+    queries = np.ascontiguousarray(queries, np.float32)
+    if metric == "cosine":
+        keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-30)
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+    n = len(keys)
+    p = {**ScannBackend.build_options, **ScannBackend.search_options, **params}
+    leaves = p["num_leaves"] or max(1, round(math.sqrt(n)))
+    leaves = max(1, min(leaves, n // 16))
+    to_search = p["num_leaves_to_search"] or math.ceil(leaves / 8)
+    reorder = max(k, p["reorder"])
+    to_search = min(leaves, max(to_search, math.ceil(SCAN_PER_REORDER * reorder * leaves / n)))
+    aqt = p["anisotropic_quantization_threshold"]
+    t0 = time.perf_counter()
+    config = (sop.builder(keys, k, "squared_l2" if metric == "l2" else "dot_product")
+              .tree(leaves, to_search, training_sample_size=min(n, p["training_sample_size"]))
+              .score_ah(p["dimensions_per_block"], training_sample_size=min(n, p["hash_training_sample_size"]),
+                        anisotropic_quantization_threshold=float("nan") if aqt is None else aqt)
+              .reorder(reorder).create_config())
+    searcher = sop.create_searcher(keys, config, p["num_threads"] or 0)
+    t1 = time.perf_counter()
+    ids, dist = searcher.search_batched_parallel(queries, k, reorder, to_search)
+    t2 = time.perf_counter()
+    ids = np.where(np.isfinite(dist), ids.astype(np.int64), -1)
+    return ids, t1 - t0, t2 - t1
