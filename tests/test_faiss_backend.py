@@ -1,0 +1,218 @@
+"""backend="faiss": exactness of "flat", recall of the approximate indices, FIFO, clear, persistence, options."""
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from kvmemory import Memory  # noqa: E402
+from kvmemory.backends.faiss import FaissBackend, has_gpu  # noqa: E402
+
+K = 32
+INDEXES = ["flat", "ivf", "hnsw", "IVF16,PQ8x4fs", "HNSW16,Flat"]
+
+
+def clustered(n, dim, rng, clusters=64):
+    """[n, dim] float32: a Gaussian mixture with log-normal norms, like attention keys."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x * rng.lognormal(0, 0.25, (n, 1))).astype(np.float32)
+
+
+def fill(memories, keys, chunk=512):
+    """Add keys [B, N, H, D] to every memory, ``chunk`` tokens at a time (values = keys)."""
+    for t in range(0, keys.shape[1], chunk):
+        for m in memories:
+            m.add(keys[:, t:t + chunk], keys[:, t:t + chunk])
+
+
+def recall(result, truth, k=K):
+    """ann-benchmarks recall: a returned item counts if its true score is within 1e-3 of the true k-th best."""
+    kth = truth.scores[..., k - 1:k]
+    return float(np.mean(((result.scores >= kth - 1e-3) & result.mask).sum(-1) / k))
+
+
+def check_live(result, memory, stored):
+    """Every returned id is live and its key/value are the ones stored under that id."""
+    counts = memory.backend.counts()
+    for b in range(memory.batch_size):
+        ids = result.ids[b][result.mask[b]]
+        assert ((ids >= counts[b] - memory.capacity) & (ids < counts[b])).all()
+    b, t, h, j = np.nonzero(result.mask)
+    expect = stored[b, result.ids[b, t, h, j], h]
+    np.testing.assert_array_equal(result.keys[b, t, h, j], expect)
+    np.testing.assert_array_equal(result.values[b, t, h, j], expect)
+    assert (result.ids[~result.mask] == -1).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_flat_matches_exact(metric):
+    rng = np.random.default_rng(0)
+    C, D = 4096, 32
+    keys = rng.standard_normal((2, 6000, 2, D)).astype(np.float32)
+    queries = rng.standard_normal((2, 64, 2, D)).astype(np.float32)
+    m = Memory(D, capacity=C, num_heads=2, batch_size=2, metric=metric, backend="faiss",
+               index="flat", segment_size=1000, exact_below=0)
+    e = Memory(D, capacity=C, num_heads=2, batch_size=2, metric=metric)
+    fill([m, e], keys, chunk=700)
+    r, x = m.search(queries, K), e.search(queries, K)
+    np.testing.assert_array_equal(r.ids, x.ids)
+    np.testing.assert_array_equal(r.scores, x.scores)
+
+
+@pytest.mark.parametrize("index,C", [("ivf", 8192), ("hnsw", 4096)])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_default_recall_on_clustered_data(index, C, metric):
+    rng = np.random.default_rng(1)
+    D = 64
+    keys = clustered(int(1.6 * C), D, rng)[None, :, None]
+    queries = clustered(256, D, rng)[None, :, None]
+    m = Memory(D, capacity=C, metric=metric, backend="faiss", index=index, exact_below=0)
+    e = Memory(D, capacity=C, metric=metric)
+    fill([m, e], keys)
+    segs = m.backend.segments[0]
+    assert sum(s.indexes[0].ready() for s in segs) >= 3         # the index path is really taken
+    r = m.search(queries, K)
+    assert recall(r, e.search(queries, K)) >= 0.9
+    check_live(r, m, keys)
+
+
+@pytest.mark.parametrize("index,floor", [("IVF16,PQ8x4fs", 0.6), ("HNSW16,Flat", 0.9)])
+def test_factory_strings_approximate_exact(index, floor):
+    rng = np.random.default_rng(2)
+    C, D = 4096, 32
+    keys = clustered(6000, D, rng)[None, :, None]
+    queries = clustered(128, D, rng)[None, :, None]
+    m = Memory(D, capacity=C, backend="faiss", index=index, exact_below=0, nprobe=8)
+    e = Memory(D, capacity=C)
+    fill([m, e], keys)
+    assert all(s.indexes[0].ready() for s in m.backend.segments[0][:-1])
+    r = m.search(queries, K)
+    assert recall(r, e.search(queries, K)) >= floor
+    check_live(r, m, keys)
+
+
+@pytest.mark.parametrize("index", INDEXES)
+def test_fifo_churn_never_returns_evicted(index):
+    rng = np.random.default_rng(3)
+    C, D = 1024, 16
+    keys = clustered(4 * C, D, rng)[None, :, None].repeat(2, 2).copy()
+    keys[:, :, 1] *= -1
+    m = Memory(D, capacity=C, num_heads=2, backend="faiss", index=index, segment_size=256, exact_below=0)
+    for t in range(0, 4 * C, 300):
+        m.add(keys[:, t:t + 300], keys[:, t:t + 300])
+        r = m.search(clustered(16, D, rng)[None, :, None].repeat(2, 2), K)
+        check_live(r, m, keys)
+        assert r.mask.all()
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_clear(index):
+    rng = np.random.default_rng(4)
+    D = 16
+    keys = clustered(3000, D, rng)[None, :, None].repeat(2, 0)
+    m = Memory(D, capacity=1024, batch_size=2, backend="faiss", index=index, segment_size=256, exact_below=0)
+    fill([m], keys)
+    m.clear(0)
+    assert m.backend.counts().tolist() == [0, 3000]
+    q = keys[:, :8]
+    r = m.search(q, K)
+    assert not r.mask[0].any() and r.mask[1].all()
+    fill([m], keys[:, :700])
+    r = m.search(q, K)
+    assert r.mask.all() and (r.ids[0] < 700).all()
+    stored = np.concatenate([keys, keys[:, :700]], 1)        # row 1's stream; row 0 restarted at id 0
+    stored[0, :700] = keys[0, :700]
+    check_live(r, m, stored)
+
+
+@pytest.mark.parametrize("index", INDEXES)
+def test_save_load_continues_fifo(index, tmp_path):
+    rng = np.random.default_rng(5)
+    C, D = 1024, 16
+    keys = clustered(4000, D, rng)[None, :, None]
+    queries = clustered(32, D, rng)[None, :, None]
+    m = Memory(D, capacity=C, backend="faiss", index=index, segment_size=300, exact_below=0, nprobe=3)
+    fill([m], keys[:, :2500], chunk=350)          # a pending newest segment and a part-evicted oldest one
+    m.save(tmp_path / "m.npz")
+    loaded = Memory.load(tmp_path / "m.npz")
+    assert loaded.options == m.options
+    np.testing.assert_array_equal(m.search(queries, K).ids, loaded.search(queries, K).ids)
+    fill([m, loaded], keys[:, 2500:], chunk=350)
+    a, b = m.search(queries, K), loaded.search(queries, K)
+    check_live(b, loaded, keys)
+    if "HNSW" in index.upper():     # new nodes' levels come from an RNG faiss does not save
+        assert recall(b, a) >= 0.9
+    else:
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw", "IVF4,Flat"])
+@pytest.mark.parametrize("capacity,segment_size", [(3, 1), (5, 2), (17, 4), (50, 7), (50, 50)])
+def test_tiny_capacities(index, capacity, segment_size):
+    rng = np.random.default_rng(capacity)
+    D = 4
+    m = Memory(D, capacity=capacity, backend="faiss", index=index, segment_size=segment_size, exact_below=0)
+    stored = np.zeros((1, 0, 1, D), np.float32)
+    for n in [1, 2, 1, 5, 3, 60, 1]:
+        keys = rng.standard_normal((1, n, 1, D)).astype(np.float32)
+        m.add(keys, keys)
+        stored = np.concatenate([stored, keys], 1)
+        for k in (1, 3, 64):
+            r = m.search(rng.standard_normal((1, 3, 1, D)).astype(np.float32), k)
+            assert r.ids.shape == (1, 3, 1, k)
+            check_live(r, m, stored)
+            assert r.mask.sum(-1).max() <= min(capacity, stored.shape[1])
+
+
+def test_untrainable_ivf_is_searched_exactly():
+    m = Memory(8, capacity=40, backend="faiss", index="ivf", nlist=32, segment_size=20, exact_below=0)
+    keys = np.random.default_rng(6).standard_normal((1, 70, 1, 8)).astype(np.float32)
+    m.add(keys, keys)
+    assert not any(s.indexes[0].ready() for s in m.backend.segments[0])
+    e = Memory(8, capacity=40)
+    e.add(keys, keys)
+    np.testing.assert_array_equal(m.search(keys[:, :5], 10).ids, e.search(keys[:, :5], 10).ids)
+
+
+def test_search_leaves_omp_threads_alone():
+    before = faiss.omp_get_max_threads()
+    m = Memory(8, capacity=4096, backend="faiss", index="hnsw", exact_below=0, num_threads=1)
+    keys = np.random.default_rng(7).standard_normal((1, 4096, 1, 8)).astype(np.float32)
+    m.add(keys, keys)
+    m.search(keys[:, :10], 5)
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_defaults_and_search_options():
+    m = Memory(64, capacity=65536, backend="faiss")
+    o = m.options
+    assert o["index"] == "ivf" and o["segment_size"] == 16384 and o["device"] == "auto"
+    assert o["nlist"] >= 1 and o["nprobe"] >= 1 and o["ef_search"] >= 1
+    m.set_search_options(nprobe=5)
+    assert m.options["nprobe"] == 5
+    with pytest.raises(ValueError, match="nprobe"):
+        m.set_search_options(nprobe=0)
+    with pytest.raises(ValueError, match="valid search options"):
+        m.set_search_options(efSearch=3)
+    assert m.options["nprobe"] == 5
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"nlist": 0}, "nlist"), ({"nlist": 2.5}, "nlist"), ({"ef_search": 0}, "ef_search"),
+    ({"ef_construction": 0}, "ef_construction"), ({"nprobe": -1}, "nprobe"), ({"M": 1}, "M"),
+    ({"index": "IVF-nonsense"}, "index"), ({"index": 3}, "index"), ({"device": "tpu"}, "device"),
+    ({"segment_size": -1}, "segment_size"), ({"efSearch": 10}, "valid options"),
+])
+def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        Memory(8, capacity=64, backend="faiss", **options)
+
+
+@pytest.mark.skipif(has_gpu(), reason="this faiss has GPU support")
+def test_cuda_without_gpu_support_raises():
+    with pytest.raises(ValueError, match="GPU"):
+        Memory(8, capacity=64, backend="faiss", device="cuda")
+    assert Memory(8, capacity=64, backend="faiss").backend.device == "cpu"
+    assert isinstance(Memory(8, capacity=64, backend="faiss").backend, FaissBackend)
