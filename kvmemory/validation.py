@@ -53,6 +53,13 @@ def check_float_array(x, name: str, shape: tuple, accepted: tuple = FLOAT_DTYPES
     return x
 
 
+def check_int_option(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int if it is one (numpy ints too, bool not) and >= minimum, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")

@@ -27,7 +27,7 @@ import torch
 
 from kvmemory.backends.base import Backend
 from kvmemory.result import SearchResult
-from kvmemory.validation import FLOAT_DTYPES
+from kvmemory.validation import FLOAT_DTYPES, check_int_option
 
 SCORE_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -59,12 +59,6 @@ def resolve_score_dtype(dtype) -> torch.dtype:
     return SCORE_DTYPES[dtype]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class TorchBackend(Backend):
     """Exact (or low-precision-then-exact) top-k on a torch device, all rows and heads at once.
 
@@ -94,7 +88,7 @@ class TorchBackend(Backend):
         self.score_dtype = resolve_score_dtype(self.options["score_dtype"])
         self.options["device"] = str(self.device)
         self.options["score_dtype"] = str(self.score_dtype).removeprefix("torch.")
-        self.options["block_bytes"] = _positive_int("block_bytes", self.options["block_bytes"])
+        self.options["block_bytes"] = check_int_option("block_bytes", self.options["block_bytes"])
         if not isinstance(self.options["check_finite"], bool):
             raise ValueError(f"check_finite must be a bool, got {self.options['check_finite']!r}")
         self.set_search_options(**self.search_args)
@@ -111,7 +105,7 @@ class TorchBackend(Backend):
 
     def set_search_options(self, **options) -> None:
         if "rescore_factor" in options:
-            options["rescore_factor"] = _positive_int("rescore_factor", options["rescore_factor"])
+            options["rescore_factor"] = check_int_option("rescore_factor", options["rescore_factor"])
         super().set_search_options(**options)
 
     # -- arrays ------------------------------------------------------------------

@@ -118,13 +118,23 @@ def test_bad_clear_rows():
     ({"backend": "annoy"}, ValueError, "backend must be one of .*'exact'.* got 'annoy'"),
     ({"backend": None}, ValueError, "backend must be one of"),
     ({"ef": 10}, ValueError, "unknown option\\(s\\) \\['ef'\\] for backend 'exact'; valid options: \\['block_bytes', 'num_threads'\\]"),
-    ({"block_bytes": 0}, ValueError, "block_bytes must be a positive int"),
-    ({"num_threads": -2}, ValueError, "num_threads must be a positive int"),
+    ({"block_bytes": 0}, ValueError, "block_bytes must be an int >= 1, got 0"),
+    ({"num_threads": -2}, ValueError, "num_threads must be an int >= 1, got -2"),
+    ({"num_threads": 0}, ValueError, "num_threads must be an int >= 1, got 0"),
 ])
 def test_bad_construction(kwargs, error, match):
     args = {"key_dim": 4, **kwargs}
     with pytest.raises(error, match=match):
         kvmemory.Memory(**args)
+
+
+@pytest.mark.parametrize("backend", sorted({"faiss", "scann", "hnsw"} & set(installed_backends())))
+@pytest.mark.parametrize("option, value, minimum", [
+    ("segment_size", 0, 1), ("num_threads", 0, 1), ("exact_below", -1, 0), ("segment_size", 2.0, 1),
+])
+def test_segmented_options_are_checked_not_defaulted(backend, option, value, minimum):
+    with pytest.raises(ValueError, match=rf"{option} must be an int >= {minimum}, got {value!r}"):
+        kvmemory.Memory(key_dim=4, capacity=16, backend=backend, **{option: value})
 
 
 def test_unknown_search_option():

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..metrics import column_transform
+from ..validation import check_int_option
 from .host import HostBackend
 from .topk import blocked_topk
 
@@ -24,11 +25,10 @@ class ExactBackend(HostBackend):
 
     def __init__(self, config, **options):
         super().__init__(config, **options)
-        self.options["num_threads"] = self.options["num_threads"] or os.cpu_count() or 1
+        if self.options["num_threads"] is None:
+            self.options["num_threads"] = os.cpu_count() or 1
         for name in ("block_bytes", "num_threads"):
-            value = self.options[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            self.options[name] = check_int_option(name, self.options[name])
 
     def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
         B, T, H, D = queries.shape

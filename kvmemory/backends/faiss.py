@@ -16,7 +16,8 @@ import faiss
 import numpy as np
 
 from .segment_index import SegmentIndex
-from .segmented import SegmentedBackend, _positive_int
+from ..validation import check_int_option
+from .segmented import SegmentedBackend
 
 KINDS = ("flat", "ivf", "hnsw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -257,11 +258,11 @@ class FaissBackend(SegmentedBackend):
             raise ValueError(f"index must be one of {KINDS} or a faiss index_factory string, got {o['index']!r}")
         if o["nlist"] is None:
             o["nlist"] = default_nlist(o["segment_size"])
-        o["nlist"] = _positive_int("nlist", o["nlist"])
-        o["M"] = _positive_int("M", o["M"])
+        o["nlist"] = check_int_option("nlist", o["nlist"])
+        o["M"] = check_int_option("M", o["M"])
         if o["M"] < 2:
             raise ValueError(f"M must be an int >= 2, got {o['M']!r}")
-        o["ef_construction"] = _positive_int("ef_construction", o["ef_construction"])
+        o["ef_construction"] = check_int_option("ef_construction", o["ef_construction"])
         if o["device"] not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {o['device']!r}")
         make_index(self.index_metric, config.key_dim, o)          # reject a bad factory string now
@@ -282,7 +283,7 @@ class FaissBackend(SegmentedBackend):
 
     def _check_search(self, args: dict) -> dict:
         defaults = {"nprobe": default_nprobe(self.options["nlist"]), "ef_search": 64}
-        return {k: _positive_int(k, defaults[k] if v is None else v) for k, v in args.items()}
+        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in args.items()}
 
     def set_search_options(self, **options) -> None:
         known = self._check_search({k: v for k, v in options.items() if k in self.search_options})

@@ -20,17 +20,12 @@ import tempfile
 import hnswlib
 import numpy as np
 
+from ..validation import check_int_option
 from .segment_index import SegmentIndex
 from .segmented import SegmentedBackend
 
 _MAGIC = b"KVHNSW1\0"
 _HEADER = struct.Struct("<8sqqq")        # magic, dim, count, removed
-
-
-def _int_option(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"hnsw option {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class HnswSegmentIndex(SegmentIndex):
@@ -151,14 +146,14 @@ class HnswBackend(SegmentedBackend):
     def __init__(self, config, **options):
         super().__init__(config, **options)
         o = self.options
-        o["M"] = _int_option("M", (16 if config.key_dim <= 256 else 32) if o["M"] is None else o["M"], 2)
-        o["ef_construction"] = _int_option(
+        o["M"] = check_int_option("M", (16 if config.key_dim <= 256 else 32) if o["M"] is None else o["M"], 2)
+        o["ef_construction"] = check_int_option(
             "ef_construction", max(64, 4 * o["M"]) if o["ef_construction"] is None else o["ef_construction"], 1)
         self.search_args["ef"] = self._ef(self.search_args["ef"])
         self.library_build = {"M": o["M"], "ef_construction": o["ef_construction"]}
 
     def _ef(self, ef):
-        return _int_option("ef", (64 if self.options["segment_size"] <= 32768 else 128) if ef is None else ef, 1)
+        return check_int_option("ef", (64 if self.options["segment_size"] <= 32768 else 128) if ef is None else ef, 1)
 
     def set_search_options(self, **options):
         if "ef" in options:

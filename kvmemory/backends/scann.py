@@ -33,7 +33,8 @@ import numpy as np
 from scann.scann_ops.py import scann_ops_pybind as _sop
 
 from .segment_index import SegmentIndex
-from .segmented import SegmentedBackend, _positive_int
+from ..validation import check_int_option
+from .segmented import SegmentedBackend
 
 _DISTANCE = {"ip": "dot_product", "l2": "squared_l2"}
 SCAN_PER_REORDER = 8   # a search covers leaves holding at least this many entries per reorder candidate
@@ -218,10 +219,10 @@ class ScannBackend(SegmentedBackend):
         o, S = self.options, self.options["segment_size"]
         if o["num_leaves"] is None:
             o["num_leaves"] = max(1, round(math.sqrt(S)))
-        _positive_int("num_leaves", o["num_leaves"])
+        check_int_option("num_leaves", o["num_leaves"])
         for name in ("tree_min_size", "training_sample_size", "hash_training_sample_size"):
-            _positive_int(name, o[name])
-        dpb = _positive_int("dimensions_per_block", o["dimensions_per_block"])
+            check_int_option(name, o[name])
+        dpb = check_int_option("dimensions_per_block", o["dimensions_per_block"])
         if dpb > config.key_dim:
             raise ValueError(f"dimensions_per_block must be <= key_dim ({config.key_dim}), got {dpb}")
         factor = o["rebuild_factor"]
@@ -242,7 +243,7 @@ class ScannBackend(SegmentedBackend):
 
     def _check_search(self) -> None:
         for name in self.search_options:
-            _positive_int(name, self.search_args[name])
+            check_int_option(name, self.search_args[name])
 
     def set_search_options(self, **options) -> None:
         old = dict(self.search_args)

@@ -31,6 +31,7 @@ import os
 import numpy as np
 
 from ..metrics import column_transform
+from ..validation import check_int_option
 from .host import HostBackend
 from .segment_index import SegmentIndex
 from .topk import blocked_topk
@@ -42,12 +43,6 @@ class Segment:
     indexes: list                 # one SegmentIndex per head
     count: int = 0                # ids [start, start + count) were added
     removed_below: int = 0        # local positions < this were removed from the indexes
-
-
-def _positive_int(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
-    return value
 
 
 class SegmentedBackend(HostBackend):
@@ -66,10 +61,13 @@ class SegmentedBackend(HostBackend):
     def __init__(self, config, **options):
         super().__init__(config, **options)
         o = self.options
-        o["segment_size"] = _positive_int(
-            "segment_size", o["segment_size"] or max(1, config.capacity // 4))
-        o["exact_below"] = _positive_int("exact_below", o["exact_below"], allow_zero=True)
-        o["num_threads"] = _positive_int("num_threads", o["num_threads"] or os.cpu_count() or 1)
+        if o["segment_size"] is None:
+            o["segment_size"] = max(1, config.capacity // 4)
+        if o["num_threads"] is None:
+            o["num_threads"] = os.cpu_count() or 1
+        o["segment_size"] = check_int_option("segment_size", o["segment_size"])
+        o["exact_below"] = check_int_option("exact_below", o["exact_below"], minimum=0)
+        o["num_threads"] = check_int_option("num_threads", o["num_threads"])
         self.index_metric = "l2" if config.metric == "l2" else "ip"
         self.library_build = {k: v for k, v in o.items() if k not in self.common_build_options}
         self.segments: list[list[Segment]] = [[] for _ in range(config.batch_size)]
