@@ -1,0 +1,1 @@
+"""kvmemory benchmarks: python -m benchmarks.exact_speed, python -m benchmarks.ann (see README.md)."""
