@@ -37,6 +37,8 @@ def save(path, memory) -> None:
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -80,6 +82,9 @@ def load(cls, path, **overrides):
         config, backend, options = header["config"], header["backend"], dict(header["options"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{os.fspath(path)!r} has an incomplete header: {e}") from e
+    fixed = sorted(set(overrides) & (set(config) | {"backend"}))
+    if fixed:
+        raise ValueError(f"Memory.load overrides backend options only; {fixed} are part of the saved memory")
     options.update(overrides)
     memory = cls(**config, backend=backend, **options)
     memory.backend.load_state_dict(arrays)

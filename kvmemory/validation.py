@@ -53,10 +53,15 @@ def check_float_array(x, name: str, shape: tuple, accepted: tuple = FLOAT_DTYPES
     return x
 
 
-def check_int_option(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int if it is one (numpy ints too, bool not) and >= minimum, else ValueError naming ``name``."""
+def check_int_option(name: str, value, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """``value`` as an int if it is one (numpy ints too, bool not) in [minimum, maximum], else ValueError naming ``name``.
+
+    The default maximum keeps values within what the C++ libraries take as an int.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum}, got {value!r}")
     return int(value)
 
 

@@ -14,9 +14,12 @@ class FlatSegmentIndex(SegmentIndex):
         self.keys = np.zeros((0, dim), np.float32)
         self.removed = 0
         self.removes = bool(build.get("removes", False))
+        self.fail_at = build.get("fail_at")
 
     def add(self, keys):
         assert keys.shape[1] == self.dim and len(self.keys) + len(keys) <= self.span
+        if self.fail_at is not None and len(self.keys) + len(keys) > self.fail_at:
+            raise RuntimeError("simulated library failure")
         self.keys = np.concatenate([self.keys, keys])
 
     def remove_below(self, position):
@@ -47,4 +50,4 @@ class FlatSegmentIndex(SegmentIndex):
 class FlatSegmentedBackend(SegmentedBackend):
     name = "test-segmented"
     segment_index = FlatSegmentIndex
-    build_options = {**SegmentedBackend.build_options, "removes": False}
+    build_options = {**SegmentedBackend.build_options, "removes": False, "fail_at": None}

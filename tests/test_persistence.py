@@ -62,6 +62,12 @@ def test_load_overrides_options(tmp_path):
     assert kvmemory.Memory.load(tmp_path / "m", block_bytes=1024).options["block_bytes"] == 1024
 
 
+def test_load_refuses_to_override_the_saved_shape(tmp_path):
+    filled().save(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"overrides backend options only; \['backend', 'capacity'\]"):
+        kvmemory.Memory.load(tmp_path / "m", capacity=3, backend="faiss")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         kvmemory.Memory.load(tmp_path / "nope")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..metrics import column_transform
@@ -17,7 +15,8 @@ class ExactBackend(HostBackend):
 
     Options:
         block_bytes: most bytes of float32 scores held at once per thread (default 64 MiB).
-        num_threads: threads searching blocks of (row, head) indices (default: all cores).
+        num_threads: threads searching blocks of (row, head) indices in large searches
+            (default None: all cores).
     """
 
     name = "exact"
@@ -25,21 +24,19 @@ class ExactBackend(HostBackend):
 
     def __init__(self, config, **options):
         super().__init__(config, **options)
-        if self.options["num_threads"] is None:
-            self.options["num_threads"] = os.cpu_count() or 1
-        for name in ("block_bytes", "num_threads"):
-            self.options[name] = check_int_option(name, self.options[name])
+        self.options["block_bytes"] = check_int_option("block_bytes", self.options["block_bytes"], maximum=1 << 40)
 
     def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
         B, T, H, D = queries.shape
         C = self.config.capacity
         ring = self.ring
+        n = int(ring.sizes().max(initial=0))      # no per-search work beyond what the fullest row holds
         q = np.ascontiguousarray(queries.transpose(0, 2, 1, 3)).reshape(B * H, T, D)
-        keys = ring.keys.reshape(B * H, C, D)
-        sq = ring.sqnorms.reshape(B * H, C) if ring.sqnorms is not None else None
+        keys = ring.keys.reshape(B * H, C, D)[:, :n]
+        sq = ring.sqnorms.reshape(B * H, C)[:, :n] if ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
         n_valid = np.repeat(ring.sizes(), H)
         slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
-                             self.options["num_threads"])
+                             self.map, self.num_threads)
         slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
         return self.slots_to_ids(slots)

@@ -11,14 +11,22 @@ Index hooks a subclass may override:
 ``_index_add(start [B], stop [B])``  ids [start[b], stop[b]) of row b were just written
 ``_index_clear(mask [B])``           those rows were just cleared (counts already 0)
 ``_index_state()`` / ``_index_load(state)``  extra arrays to persist
+
+A backend that declares a ``num_threads`` option gets ``self.num_threads``
+(None: all cores; saved unresolved, so a loaded memory uses its new machine's
+cores) and ``self.map``, which runs work on one pool of that many threads.
 """
 
 from __future__ import annotations
+
+import concurrent.futures
+import os
 
 import numpy as np
 
 from ..metrics import score_candidates
 from ..result import SearchResult
+from ..validation import check_int_option
 from .base import Backend
 from .ring import Ring
 
@@ -27,6 +35,19 @@ class HostBackend(Backend):
     def __init__(self, config, **options):
         super().__init__(config, **options)
         self.ring = Ring(config)
+        threads = self.options.get("num_threads")
+        if threads is not None:
+            check_int_option("num_threads", threads, maximum=4096)
+        self.num_threads = int(threads or os.cpu_count() or 1)
+        self._pool = None
+
+    def map(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]``, on this backend's thread pool when there is more than one item."""
+        if self.num_threads == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, f"kvmemory-{self.name}")
+        return list(self._pool.map(fn, items))
 
     # -- interface -------------------------------------------------------------
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:

@@ -12,21 +12,24 @@ each with one index per head:
   evicted prefix (indices that can, ``SegmentIndex.removes``), or over-fetched
   and filtered, or - once mostly evicted - searched exactly;
 * a segment holding fewer than ``exact_below`` live entries, or whose index is
-  not ready, is searched exactly from the ring;
+  not ready, is searched exactly from the ring; segments smaller than
+  ``exact_below`` get no index at all (it would never be searched);
+* if a library fails while adding, that segment loses its indexes and is
+  searched exactly from then on (with a warning): entries already in the ring
+  are never hidden;
 * clearing a row drops all its segments.
 
 Every candidate then goes through ``HostBackend.finish``: non-live ids are
 dropped, the rest re-scored exactly from the stored keys. Searches of the
-(row, head, segment) indices run on a thread pool of ``num_threads`` threads,
-one library thread each.
+(row, head, segment) indices run on the backend's thread pool
+(``HostBackend.map``), one library thread each.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import os
+import warnings
 
 import numpy as np
 
@@ -40,7 +43,7 @@ from .topk import blocked_topk
 @dataclasses.dataclass
 class Segment:
     start: int                    # first stream id
-    indexes: list                 # one SegmentIndex per head
+    indexes: list | None          # one SegmentIndex per head; None: searched exactly from the ring
     count: int = 0                # ids [start, start + count) were added
     removed_below: int = 0        # local positions < this were removed from the indexes
 
@@ -49,9 +52,11 @@ class SegmentedBackend(HostBackend):
     """Base of the faiss, scann and hnsw backends; subclasses set ``segment_index``.
 
     Options shared by every segmented backend:
-        segment_size: ids per segment (default capacity // 4, at least 1).
+        segment_size: ids per segment (default capacity // 2: at most 3 segments are
+            live; smaller segments evict at a finer grain but each search then
+            visits more indices).
         exact_below: segments with fewer live entries are searched exactly (default 1024).
-        num_threads: search threads (default: all cores).
+        num_threads: threads for index adds and searches (default None: all cores).
     """
 
     segment_index: type = SegmentIndex
@@ -62,22 +67,18 @@ class SegmentedBackend(HostBackend):
         super().__init__(config, **options)
         o = self.options
         if o["segment_size"] is None:
-            o["segment_size"] = max(1, config.capacity // 4)
-        if o["num_threads"] is None:
-            o["num_threads"] = os.cpu_count() or 1
-        o["segment_size"] = check_int_option("segment_size", o["segment_size"])
+            o["segment_size"] = max(1, config.capacity // 2)
+        o["segment_size"] = check_int_option("segment_size", o["segment_size"], maximum=config.capacity)
         o["exact_below"] = check_int_option("exact_below", o["exact_below"], minimum=0)
-        o["num_threads"] = check_int_option("num_threads", o["num_threads"])
         self.index_metric = "l2" if config.metric == "l2" else "ip"
         self.library_build = {k: v for k, v in o.items() if k not in self.common_build_options}
         self.segments: list[list[Segment]] = [[] for _ in range(config.batch_size)]
-        self._pool = None
 
     # -- options -----------------------------------------------------------------
     def set_search_options(self, **options) -> None:
         super().set_search_options(**options)
         for seg in self._all_segments():
-            for index in seg.indexes:
+            for index in seg.indexes or ():
                 index.set_query_arguments(**self.search_args)
 
     def _all_segments(self):
@@ -85,6 +86,8 @@ class SegmentedBackend(HostBackend):
 
     def _new_segment(self, start: int) -> Segment:
         c = self.config
+        if self.options["segment_size"] < self.options["exact_below"]:
+            return Segment(start, None)
         indexes = []
         for _ in range(c.num_heads):
             index = self.segment_index(self.index_metric, c.key_dim, self.options["segment_size"],
@@ -115,27 +118,25 @@ class SegmentedBackend(HostBackend):
                     last = self._new_segment(a)
                     segs.append(last)
                 n = min(S - last.count, e - a)
-                keys = self._keys_for_index(b, np.arange(a, a + n))
-                jobs.extend((index, np.ascontiguousarray(keys[h])) for h, index in enumerate(last.indexes))
+                if last.indexes is not None:
+                    keys = self._keys_for_index(b, np.arange(a, a + n))
+                    jobs.extend((last, index, np.ascontiguousarray(keys[h]))
+                                for h, index in enumerate(last.indexes))
                 last.count += n
                 a += n
-        self._map(lambda job: job[0].add(job[1]), jobs)
+        for seg, error in zip([j[0] for j in jobs], self.map(_add_job, jobs)):
+            if error is not None and seg.indexes is not None:
+                seg.indexes = None
+                warnings.warn(f"{self.name}: adding to the index of segment at id {seg.start} failed "
+                              f"({type(error).__name__}: {error}); that segment is searched exactly from now on",
+                              RuntimeWarning, stacklevel=3)
         for b in range(self.config.batch_size):
             self._evict(b)
-
-    def _map(self, fn, items: list) -> list:
-        """``[fn(x) for x in items]``, on the thread pool when there is more than one item."""
-        threads = self.options["num_threads"]
-        if threads == 1 or len(items) < 2:
-            return [fn(x) for x in items]
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(threads, "kvmemory-index")
-        return list(self._pool.map(fn, items))
 
     def _evict(self, b: int) -> None:
         lo = int(self.ring.live_start()[b])
         segs = [s for s in self.segments[b] if s.start + s.count > lo]
-        if segs and segs[0].start < lo and segs[0].indexes[0].removes:
+        if segs and segs[0].start < lo and segs[0].indexes and segs[0].indexes[0].removes:
             first = segs[0]
             first.removed_below = lo - first.start
             for index in first.indexes:
@@ -158,8 +159,9 @@ class SegmentedBackend(HostBackend):
                 if e <= a:
                     continue
                 live, held = e - a, seg.count - seg.removed_below
-                removes = seg.indexes[0].removes
-                if live < exact_below or not seg.indexes[0].ready() or (not removes and 4 * live < held):
+                indexes = seg.indexes
+                if (indexes is None or live < exact_below or not all(ix.ready() for ix in indexes)
+                        or (not indexes[0].removes and 4 * live < held)):
                     how, kq = "exact", k
                 else:
                     how, kq = "index", min(held, k if held == live else math.ceil(k * held / live))
@@ -168,7 +170,11 @@ class SegmentedBackend(HostBackend):
         return plan
 
     def _search_exact(self, q: np.ndarray, b: int, h: int, a: int, e: int, k: int) -> np.ndarray:
-        slots = np.arange(a, e) % self.config.capacity
+        C = self.config.capacity
+        if a % C + (e - a) <= C:      # no wrap: views, not copies
+            slots = slice(a % C, a % C + (e - a))
+        else:
+            slots = np.arange(a, e) % C
         keys = self.ring.keys[b, h, slots][None]
         sq = self.ring.sqnorms[b, h, slots][None] if self.ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
@@ -185,16 +191,15 @@ class SegmentedBackend(HostBackend):
     def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
         B, T, H, _ = queries.shape
         plan = self._plan(k)
-        threads = self.options["num_threads"]
         # split queries too when there are fewer (row, head, segment) searches than threads
-        chunks = max(1, min(T, math.ceil(threads / max(len(plan), 1)))) if T else 1
+        chunks = max(1, min(T, math.ceil(self.num_threads / max(len(plan), 1)))) if T else 1
         bounds = np.linspace(0, T, chunks + 1).astype(int)
         tasks = [p + (int(t0), int(t1)) for p in plan for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
         index_queries = queries
         if self.config.metric == "cosine":
             norms = np.linalg.norm(queries, axis=-1, keepdims=True)
             index_queries = np.divide(queries, norms, out=np.zeros_like(queries), where=norms > 0)
-        results = self._map(lambda t: self._search_one(t, queries, index_queries), tasks)
+        results = self.map(lambda t: self._search_one(t, queries, index_queries), tasks)
         groups = {}
         for task, ids in zip(tasks, results):
             groups.setdefault((task[0], task[1], task[7]), []).append(ids)
@@ -211,31 +216,54 @@ class SegmentedBackend(HostBackend):
         for b, segs in enumerate(self.segments):
             for seg in segs:
                 i = len(table)
-                table.append((b, seg.start, seg.count, seg.removed_below))
-                for h, index in enumerate(seg.indexes):
+                table.append((b, seg.start, seg.count, seg.removed_below, seg.indexes is not None))
+                for h, index in enumerate(seg.indexes or ()):
                     state[f"seg{i}/h{h}"] = np.frombuffer(index.serialize(), np.uint8)
-        state["segments"] = np.array(table, np.int64).reshape(-1, 4)
+        state["segments"] = np.array(table, np.int64).reshape(-1, 5)
         return state
 
     def _index_load(self, state: dict) -> None:
         if "segments" not in state:
             raise ValueError("saved memory lacks its segment table ('index/segments')")
         table = np.asarray(state["segments"])
-        if table.ndim != 2 or table.shape[1] != 4:
-            raise ValueError(f"saved segment table has shape {table.shape}, expected (n, 4)")
-        c = self.config
+        if table.ndim != 2 or table.shape[1] != 5 or table.dtype != np.int64:
+            raise ValueError(f"saved segment table has shape {table.shape} {table.dtype}, expected (n, 5) int64")
+        c, S = self.config, self.options["segment_size"]
+        counts, lo = self.ring.counts, self.ring.live_start()
         self.segments = [[] for _ in range(c.batch_size)]
-        for i, (b, start, count, removed) in enumerate(table.tolist()):
+        for i, (b, start, count, removed, indexed) in enumerate(table.tolist()):
             if not 0 <= b < c.batch_size:
                 raise ValueError(f"saved segment {i} names row {b}, memory has {c.batch_size} rows")
-            indexes = []
-            for h in range(c.num_heads):
-                name = f"seg{i}/h{h}"
-                if name not in state:
-                    raise ValueError(f"saved memory lacks index {name!r}")
-                index = self.segment_index.deserialize(
-                    bytes(np.asarray(state[name], np.uint8)), self.index_metric, c.key_dim,
-                    self.options["segment_size"], self.library_build)
-                index.set_query_arguments(**self.search_args)
-                indexes.append(index)
+            prev = self.segments[b][-1] if self.segments[b] else None
+            if (not 0 < count <= S or not 0 <= removed <= count or start + count > counts[b]
+                    or start + count <= lo[b] or (prev is not None and start < prev.start + prev.count)):
+                raise ValueError(f"saved segment {i} (row {b}, ids [{start}, {start + count}), removed {removed}) "
+                                 f"does not fit row {b} (ids [{lo[b]}, {counts[b]}) live, segment_size {S})")
+            indexes = None
+            if indexed:
+                indexes = []
+                for h in range(c.num_heads):
+                    name = f"seg{i}/h{h}"
+                    if name not in state:
+                        raise ValueError(f"saved memory lacks index {name!r}")
+                    index = self.segment_index.deserialize(
+                        bytes(np.asarray(state[name], np.uint8)), self.index_metric, c.key_dim, S,
+                        self.library_build)
+                    index.set_query_arguments(**self.search_args)
+                    indexes.append(index)
             self.segments[b].append(Segment(start, indexes, count, removed))
+        for b in range(c.batch_size):
+            covered = sum(seg.start + seg.count - max(seg.start, int(lo[b])) for seg in self.segments[b])
+            if covered != min(counts[b], c.capacity):
+                raise ValueError(f"saved segments of row {b} cover {covered} live entries, the row holds "
+                                 f"{min(counts[b], c.capacity)}")
+
+
+def _add_job(job):
+    """Add keys to one segment index; returns the exception instead of raising (the ring is already written)."""
+    _, index, keys = job
+    try:
+        index.add(keys)
+    except Exception as e:  # noqa: BLE001 - any library failure must not hide live entries
+        return e
+    return None
