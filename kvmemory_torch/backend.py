@@ -68,6 +68,9 @@ class TorchBackend(Backend):
         score_dtype: dtype of the scan matmul: "float32" (exact), "bfloat16" or
             "float16". Low precision fetches ``rescore_factor * k`` candidates
             and re-scores them exactly in float32 before the final top-k.
+            float16 overflows for |q . k| or |k|^2 above ~65,000 (norms above
+            ~180), after which ranking degrades: prefer bfloat16, which has
+            float32's range.
         block_bytes: most bytes of scores held at once per scan tile (default 256 MiB).
         check_finite: refuse NaN/inf inputs (default True). The check reads one
             bool back from the device per call; False removes that sync.
