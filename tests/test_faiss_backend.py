@@ -71,7 +71,7 @@ def test_default_recall_on_clustered_data(index, C, metric):
     e = Memory(D, capacity=C, metric=metric)
     fill([m, e], keys)
     segs = m.backend.segments[0]
-    assert sum(s.indexes[0].ready() for s in segs) >= 3         # the index path is really taken
+    assert sum(s.indexes[0].ready() for s in segs) >= 2         # the index path is really taken
     r = m.search(queries, K)
     assert recall(r, e.search(queries, K)) >= 0.9
     check_live(r, m, keys)
@@ -186,10 +186,15 @@ def test_search_leaves_omp_threads_alone():
 
 
 def test_defaults_and_search_options():
-    m = Memory(64, capacity=65536, backend="faiss")
+    C = 65536
+    m = Memory(64, capacity=C, backend="faiss")
     o = m.options
-    assert o["index"] == "ivf" and o["segment_size"] == 16384 and o["device"] == "auto"
-    assert o["nlist"] >= 1 and o["nprobe"] >= 1 and o["ef_search"] >= 1
+    S = C // 2                                                  # SegmentedBackend: capacity // 2
+    nlist = max(1, min(round(4 * np.sqrt(S)), S // 39))         # ~4 sqrt(S), >= 39 keys per list
+    assert o["index"] == "ivf" and o["segment_size"] == S == 32768 and o["device"] == "auto"
+    assert o["nlist"] == nlist == 724
+    assert o["nprobe"] == min(nlist, max(16, round(3 * np.sqrt(nlist)))) == 81   # ~3 sqrt(nlist), >= 16
+    assert o["ef_search"] == 64
     m.set_search_options(nprobe=5)
     assert m.options["nprobe"] == 5
     with pytest.raises(ValueError, match="nprobe"):
@@ -197,6 +202,98 @@ def test_defaults_and_search_options():
     with pytest.raises(ValueError, match="valid search options"):
         m.set_search_options(efSearch=3)
     assert m.options["nprobe"] == 5
+    m.set_search_options(nprobe=None)
+    assert m.options["nprobe"] == 81
+
+
+@pytest.mark.parametrize("index", ["IDMap,Flat", "IDMap2,Flat", "IDMap,IVF4,Flat", "L2norm,IDMap2,Flat"])
+def test_idmap_factory_strings_rejected_at_construction(index):
+    # their add() always fails (add_with_ids only): it must not first fail inside Memory.add
+    with pytest.raises(ValueError, match="index=.*IDMap"):
+        Memory(8, capacity=64, backend="faiss", index=index)
+
+
+def _segment_index(index="ivf", span=400, dim=8, **build):
+    from kvmemory.backends.faiss import FaissSegmentIndex
+    build = {"index": index, "nlist": 4, "M": 32, "ef_construction": 40, "device": "cpu", **build}
+    return FaissSegmentIndex("ip", dim, span, build), build
+
+
+def test_load_pending_checks_buffered_key_count():
+    from kvmemory.backends.faiss import FaissSegmentIndex
+    index, build = _segment_index()
+    index.add(np.random.default_rng(8).standard_normal((100, 8)).astype(np.float32))
+    assert not index.ready()                                    # buffered: trains at 39 * nlist = 156
+    data = index.serialize()
+    loaded = FaissSegmentIndex.deserialize(data, "ip", 8, 400, build)
+    assert loaded.count == 100 and np.concatenate(loaded.pending).shape == (100, 8)
+    for bad in (data[:-4 * 8], data + bytes(4 * 8), data[:-2]):   # one key short, one key extra, torn
+        with pytest.raises(ValueError, match="expected 100"):
+            FaissSegmentIndex.deserialize(bad, "ip", 8, 400, build)
+
+
+@pytest.mark.parametrize("state,count,removed", [(1, 5, 6), (2, 5, 6), (1, 401, 0), (0, 5, -1), (2, -1, -1)])
+def test_load_rejects_counts_that_do_not_fit(state, count, removed):
+    from kvmemory.backends.faiss import FaissSegmentIndex
+    index, build = _segment_index("flat")
+    index.add(np.ones((5, 8), np.float32))
+    body = index.serialize()[24:] if state == 0 else bytes(4 * 8 * max(count, 0)) if state == 1 else b""
+    with pytest.raises(ValueError, match="saved faiss"):
+        FaissSegmentIndex.deserialize(np.array([state, count, removed], np.int64).tobytes() + body,
+                                      "ip", 8, 400, build)
+
+
+def test_gpu_resources_made_once_under_concurrent_first_use(monkeypatch):
+    import threading
+    import time
+    from kvmemory.backends import faiss as backend
+
+    made = []
+
+    class FakeResources:
+        def __init__(self):
+            made.append(self)
+            time.sleep(0.02)                                    # widen the race window
+
+    monkeypatch.setattr(backend, "_gpu", {})
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeResources, raising=False)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(backend._gpu_resources())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1
+    assert all(r is got[0][0] and lock is got[0][1] for r, lock in got)
+
+
+def test_gpu_calls_hold_the_resource_lock(monkeypatch):
+    """Without a GPU: fake the GPU calls, check each runs under the shared resource lock."""
+    from kvmemory.backends import faiss as backend
+
+    lock = backend.threading.Lock()
+    calls = []
+
+    def held(name, result):
+        def fn(*args):
+            calls.append((name, lock.locked()))
+            return result(*args)
+        return fn
+
+    class FakeSpace:
+        set_index_parameter = staticmethod(held("set_parameter", lambda *a: None))
+
+    monkeypatch.setattr(backend, "_gpu", {"res": object(), "lock": lock})
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", held("cpu_to_gpu", lambda res, dev, index: index), raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", held("gpu_to_cpu", lambda index: index), raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", FakeSpace, raising=False)
+    index, build = _segment_index("flat", device="cuda")
+    index.add(np.ones((5, 8), np.float32))
+    index.set_query_arguments(nprobe=3)
+    index.serialize()
+    assert [name for name, _ in calls] == ["cpu_to_gpu", "set_parameter", "gpu_to_cpu"]
+    assert all(was_held for _, was_held in calls), calls
+    assert not lock.locked()
 
 
 @pytest.mark.parametrize("options,match", [

@@ -161,3 +161,67 @@ def test_bad_search_options_leave_options_unchanged():
 def test_anisotropic_rejected_for_l2():
     with pytest.raises(ValueError, match="anisotropic_quantization_threshold"):
         memory(256, metric="l2", anisotropic_quantization_threshold=0.2)
+
+
+def test_numpy_int_options_are_saved_as_python_ints(rng, tmp_path):
+    i = np.int64
+    m = memory(512, segment_size=256, num_leaves=i(4), tree_min_size=i(64), training_sample_size=i(1000),
+               hash_training_sample_size=i(500), dimensions_per_block=i(2), num_leaves_to_search=i(2),
+               reorder=i(50))
+    add(m, clustered(rng, 300))
+    m.set_search_options(reorder=np.int32(300))
+    ints = ("num_leaves", "tree_min_size", "training_sample_size", "hash_training_sample_size",
+            "dimensions_per_block", "num_leaves_to_search", "reorder")
+    assert all(type(m.options[name]) is int for name in ints), {n: type(m.options[n]) for n in ints}
+    assert m.options["reorder"] == 300
+    m.save(tmp_path / "m.npz")                                   # json.dumps: numpy ints crashed it
+    assert kvmemory.Memory.load(tmp_path / "m.npz").options == m.options
+
+
+def test_search_options_none_restores_default():
+    defaults = memory(1024).options
+    assert defaults["num_leaves_to_search"] == 3 and defaults["reorder"] == 256   # ceil(round(sqrt(512)) / 8)
+    assert memory(1024, reorder=None, num_leaves_to_search=None).options == defaults
+    m = memory(1024, reorder=64, num_leaves_to_search=2)
+    m.set_search_options(reorder=None, num_leaves_to_search=None)
+    assert m.options == defaults
+
+
+def _saved_tree_segment(rng):
+    """(serialized ScaNN segment index with a tree, its build options)."""
+    from kvmemory.backends.scann import ScannSegmentIndex
+    build = memory(256, segment_size=256, tree_min_size=64).backend.library_build
+    index = ScannSegmentIndex("ip", D, 256, build)
+    index.add(clustered(rng, 100))
+    assert index.built
+    return index.serialize(), build
+
+
+def _npz_bytes(arrays):
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["no assets", "garbage assets", "undecodable assets", "no dataset",
+                                    "torn partitioner"])
+def test_corrupt_scann_assets_raise_value_error(rng, damage):
+    import io
+    from kvmemory.backends.scann import ScannSegmentIndex
+    data, build = _saved_tree_segment(rng)
+    assert ScannSegmentIndex.deserialize(data, "ip", D, 256, build).searcher.size() == 100
+    z = dict(np.load(io.BytesIO(data)))
+    assets = "scann/scann_assets.pbtxt"
+    if damage == "no assets":
+        del z[assets]
+    elif damage == "garbage assets":
+        z[assets] = np.frombuffer(b"assets { nonsense", np.uint8)
+    elif damage == "undecodable assets":
+        z[assets] = np.frombuffer(b"\xff\xfe\x00", np.uint8)
+    elif damage == "no dataset":
+        del z["scann/dataset.npy"]
+    else:
+        z["scann/serialized_partitioner.pb"] = z["scann/serialized_partitioner.pb"][:50]
+    with pytest.raises(ValueError, match="saved scann index is corrupt"):
+        ScannSegmentIndex.deserialize(_npz_bytes(z), "ip", D, 256, build)

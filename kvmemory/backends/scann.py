@@ -157,19 +157,30 @@ class ScannSegmentIndex(SegmentIndex):
             raise ValueError(f"inconsistent saved ScaNN segment index (n={n}, built={index.built}, span={span})")
         index.n, index.keys = n, None if keys is None else np.array(keys, np.float32)
         if files:
-            with tempfile.TemporaryDirectory() as tmp:
-                tmp = os.path.abspath(tmp)
-                for name, content in files.items():
-                    if os.path.basename(name) != name or name.startswith(".") or name.endswith(".pkl"):
-                        raise ValueError(f"unexpected file {name!r} in a saved ScaNN segment index")
-                    np.asarray(content, np.uint8).tofile(os.path.join(tmp, name))
-                with open(os.path.join(tmp, "scann_assets.pbtxt")) as f:
-                    # not load_searcher: it would unpickle a scann_docids.pkl
-                    index.searcher = _sop.ScannSearcher(_sop.scann_pybind.ScannNumpy(tmp, f.read()))
-            index.searcher.set_num_threads(1)
-            if index.searcher.size() != n:
-                raise ValueError(f"saved ScaNN searcher holds {index.searcher.size()} entries, expected {n}")
+            for name in files:
+                if os.path.basename(name) != name or name.startswith(".") or name.endswith(".pkl"):
+                    raise ValueError(f"unexpected file {name!r} in a saved ScaNN segment index")
+            try:
+                index.searcher = cls._load_searcher(files)
+                size = index.searcher.size()
+            except Exception as e:      # missing/corrupt assets: OSError, RuntimeError, UnicodeDecodeError, ...
+                raise ValueError(f"saved scann index is corrupt: {type(e).__name__}: {e}") from e
+            if size != n:
+                raise ValueError(f"saved scann index is corrupt: its searcher holds {size} entries, expected {n}")
         return index
+
+    @staticmethod
+    def _load_searcher(files: dict):
+        """A one-thread ScannSearcher rebuilt from its serialized files {name: uint8 array}."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = os.path.abspath(tmp)
+            for name, content in files.items():
+                np.asarray(content, np.uint8).tofile(os.path.join(tmp, name))
+            with open(os.path.join(tmp, "scann_assets.pbtxt"), encoding="utf-8") as f:
+                # not load_searcher: it would unpickle a scann_docids.pkl
+                searcher = _sop.ScannSearcher(_sop.scann_pybind.ScannNumpy(tmp, f.read()))
+        searcher.set_num_threads(1)
+        return searcher
 
 
 class ScannBackend(SegmentedBackend):
@@ -191,7 +202,7 @@ class ScannBackend(SegmentedBackend):
         hash_training_sample_size: entries sampled to train the AH codebooks (default 1024;
             4096 measured 1.7x slower adds, same recall after reordering).
 
-    Search options:
+    Search options (``Memory.set_search_options``; None restores the default):
         num_leaves_to_search: leaves searched per query in a full segment's tree; smaller trees
             search the same fraction, and every tree at least enough leaves to hold ~8 * reorder
             entries on average (default ceil(num_leaves / 8)). Recall@32 on MiniLM keys, 16384-entry
@@ -219,12 +230,12 @@ class ScannBackend(SegmentedBackend):
         o, S = self.options, self.options["segment_size"]
         if o["num_leaves"] is None:
             o["num_leaves"] = max(1, round(math.sqrt(S)))
-        check_int_option("num_leaves", o["num_leaves"])
-        for name in ("tree_min_size", "training_sample_size", "hash_training_sample_size"):
-            check_int_option(name, o[name])
-        dpb = check_int_option("dimensions_per_block", o["dimensions_per_block"])
-        if dpb > config.key_dim:
-            raise ValueError(f"dimensions_per_block must be <= key_dim ({config.key_dim}), got {dpb}")
+        for name in ("num_leaves", "tree_min_size", "training_sample_size", "hash_training_sample_size",
+                     "dimensions_per_block"):
+            o[name] = check_int_option(name, o[name])     # python ints: numpy ints would break Memory.save
+        if o["dimensions_per_block"] > config.key_dim:
+            raise ValueError(f"dimensions_per_block must be <= key_dim ({config.key_dim}), "
+                             f"got {o['dimensions_per_block']}")
         factor = o["rebuild_factor"]
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1 or not math.isfinite(factor):
             raise ValueError(f"rebuild_factor must be a finite number > 1, got {factor!r}")
@@ -237,19 +248,14 @@ class ScannBackend(SegmentedBackend):
                 raise ValueError("anisotropic_quantization_threshold applies to metric 'ip'/'cosine', not 'l2'")
             o["anisotropic_quantization_threshold"] = float(aqt)
         self.library_build = {k: v for k, v in o.items() if k not in self.common_build_options}
-        if self.search_args["num_leaves_to_search"] is None:
-            self.search_args["num_leaves_to_search"] = math.ceil(o["num_leaves"] / 8)
-        self._check_search()
+        self.search_args = self._check_search(self.search_args)
 
-    def _check_search(self) -> None:
-        for name in self.search_options:
-            check_int_option(name, self.search_args[name])
+    def _check_search(self, args: dict) -> dict:
+        """Validated copies of the search options in ``args`` as python ints; None means the default."""
+        defaults = {"num_leaves_to_search": math.ceil(self.options["num_leaves"] / 8),
+                    "reorder": self.search_options["reorder"]}
+        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in args.items()}
 
     def set_search_options(self, **options) -> None:
-        old = dict(self.search_args)
-        self.search_args.update(options)
-        try:
-            self._check_search()
-        finally:
-            self.search_args = old
-        super().set_search_options(**options)
+        known = self._check_search({k: v for k, v in options.items() if k in self.search_options})
+        super().set_search_options(**{**options, **known})     # the base class rejects unknown names
