@@ -48,8 +48,67 @@ def test_default_recall(metric, monkeypatch):
     fill(ref, keys)
     calls = index_calls(monkeypatch)
     res = mem.search(q, k)
-    assert sum(calls) == 256 * 4          # 4 segments, every query went through hnswlib
+    segments = len(mem.backend.segments[0])
+    assert segments >= 2 and sum(calls) == 256 * segments   # every query went through hnswlib
     assert recall(res, ref.search(q, k), k) >= 0.9
+
+
+def attention_like(rng, n, nq, d, clusters=32, shift=3.0):
+    """Keys [n, d] and queries [nq, d] shaped like real attention keys (MiniLM layer 5: mean vector
+    norm ~7 vs key norms ~9.6): a strong common direction of norm ``shift`` (key norms ~3.2), plus
+    clusters with log-normal norms; queries come from the same clusters and point partly against
+    the common direction, as MiniLM's do."""
+    mu = rng.standard_normal(d)
+    mu *= shift / np.linalg.norm(mu)
+    centres = rng.standard_normal((clusters, d)) / np.sqrt(d)
+
+    def draw(m):
+        x = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, d)) / np.sqrt(d)
+        return x * rng.lognormal(0, 0.25, (m, 1))
+
+    return (mu + draw(n)).astype(np.float32), (draw(nq) - 0.5 * mu).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_recall_on_keys_with_a_common_direction(metric):
+    # uncentred inner-product graphs navigate badly here: recall@32 was ~0.35 (ip) and ~0.86 (cosine)
+    # at the defaults; centring each segment's keys (exact for the ranking) gives ~0.99
+    rng = np.random.default_rng(0)
+    cap, d, k = 4096, 32, 32
+    keys, q = attention_like(rng, cap, 256, d)
+    mem = kvmemory.Memory(d, capacity=cap, backend="hnsw", metric=metric, exact_below=0)
+    ref = kvmemory.Memory(d, capacity=cap, metric=metric)
+    fill(mem, keys[None, :, None], chunk=512)
+    fill(ref, keys[None, :, None], chunk=512)
+    assert all(ix.built for s in mem.backend.segments[0] for ix in s.indexes)
+    res = mem.search(q[None, :, None], k)
+    assert recall(res, ref.search(q[None, :, None], k), k) >= 0.95
+
+
+def test_centre_is_fixed_from_a_sample_before_the_graph_is_built(monkeypatch):
+    rng = np.random.default_rng(9)
+    d = 8
+    x = (rng.standard_normal((1, 700, 1, d)) + 5).astype(np.float32)
+    mem = kvmemory.Memory(d, capacity=1000, backend="hnsw", segment_size=1000, exact_below=0)
+    ref = kvmemory.Memory(d, capacity=1000)
+    calls = index_calls(monkeypatch)
+    for i in range(0, 700, 100):
+        mem.add(x[:, i:i + 100], x[:, i:i + 100])
+        ref.add(x[:, i:i + 100], x[:, i:i + 100])
+        ix = mem.backend.segments[0][0].indexes[0]
+        n = i + 100
+        # not ready (the segment is searched exactly) until centre_sample (512) keys are in
+        assert ix.built == (n >= 512) and ix.ready() == ix.built
+        res, want = mem.search(x[:, :20] - 5, 10), ref.search(x[:, :20] - 5, 10)
+        assert (len(calls) > 0) == ix.built
+        if not ix.built:
+            np.testing.assert_array_equal(res.ids, want.ids)
+    np.testing.assert_allclose(ix.centre, x[0, :600, 0].mean(0), rtol=1e-5)   # the keys in when it was built
+    # the graph holds centred keys; the ring (and so every result) holds the keys as given
+    np.testing.assert_allclose(ix.index.get_items([3])[0], x[0, 3, 0] - ix.centre, atol=1e-5)
+    # l2 is translation invariant: no centring, built at once
+    l2 = HnswSegmentIndex("l2", d, 1000, {"M": 8, "ef_construction": 16})
+    assert l2.built and not l2.centre.any()
 
 
 def test_fifo_churn_returns_live_stored_entries():
@@ -117,7 +176,7 @@ def test_k_larger_than_segments_hold():
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("cap,seg", [(3, 1), (5, 2), (17, 3), (50, 7), (50, 64)])
+@pytest.mark.parametrize("cap,seg", [(3, 1), (5, 2), (17, 3), (50, 7), (50, 50)])
 def test_tiny_capacities_match_exact(metric, cap, seg):
     rng = np.random.default_rng(cap * 100 + seg)
     d = 4
@@ -189,6 +248,9 @@ def test_save_load_round_trip_and_continue(tmp_path):
                       loaded.backend.segments[0] + loaded.backend.segments[1]):
         assert (sa.start, sa.count, sa.removed_below) == (sb.start, sb.count, sb.removed_below)
         assert [i.removed for i in sa.indexes] == [i.removed for i in sb.indexes]
+        assert [i.built for i in sa.indexes] == [i.built for i in sb.indexes]
+        for ia, ib in zip(sa.indexes, sb.indexes):
+            np.testing.assert_array_equal(ia.centre, ib.centre)
         assert [i.index.ef for i in sb.indexes] == [40] * H
     # keep going: FIFO must continue from where the saved memory stopped (marks and all)
     for mm in (loaded, ref):
@@ -199,14 +261,44 @@ def test_save_load_round_trip_and_continue(tmp_path):
     assert recall(res, ref.search(q, k), k) >= 0.9
 
 
-def test_deserialize_rejects_bad_bytes():
-    ix = HnswSegmentIndex("ip", 4, 16, {"M": 4, "ef_construction": 8})
-    ix.add(np.eye(4, dtype=np.float32))
+@pytest.mark.parametrize("n", [4, 16])      # a key buffer (not built yet) and a built graph
+def test_deserialize_rejects_bad_bytes(n):
+    build = {"M": 4, "ef_construction": 8}
+    ix = HnswSegmentIndex("ip", 4, 16, build)
+    ix.add(np.random.default_rng(10).standard_normal((n, 4)).astype(np.float32))
+    assert ix.built == (n == 16)
     data = ix.serialize()
+    nan_centre = data[:40] + np.float32(np.nan).tobytes() + data[44:]
     for bad, args in ((data[:10], (4, 16)), (b"X" + data[1:], (4, 16)), (data[:-5], (4, 16)),
-                      (data, (5, 16)), (data, (4, 3))):
+                      (data, (5, 16)), (data, (4, 3)), (nan_centre, (4, 16))):
         with pytest.raises(ValueError):
-            HnswSegmentIndex.deserialize(bad, "ip", *args, {"M": 4, "ef_construction": 8})
+            HnswSegmentIndex.deserialize(bad, "ip", *args, build)
+    with pytest.raises(ValueError):        # an l2 index is never centred
+        HnswSegmentIndex.deserialize(data, "l2", 4, 16, build)
+    back = HnswSegmentIndex.deserialize(data, "ip", 4, 16, build)
+    assert (back.built, back.count, back.removed) == (ix.built, n, 0)
+    np.testing.assert_array_equal(back.centre, ix.centre)
+
+
+def test_reads_version_1_files(tmp_path):
+    # version 1 (before centring): header (magic, dim, count, removed) + an uncentred hnswlib graph
+    import struct
+    rng = np.random.default_rng(11)
+    keys = rng.standard_normal((30, 4)).astype(np.float32)
+    g = hnswlib.Index(space="ip", dim=4)
+    g.init_index(max_elements=32, M=4, ef_construction=8)
+    g.add_items(keys, np.arange(30))
+    g.mark_deleted(0)
+    g.save_index(str(tmp_path / "g.bin"))
+    data = struct.pack("<8sqqq", b"KVHNSW1\0", 4, 30, 1) + (tmp_path / "g.bin").read_bytes()
+    ix = HnswSegmentIndex.deserialize(data, "ip", 4, 32, {"M": 4, "ef_construction": 8})
+    assert ix.built and not ix.centre.any() and (ix.count, ix.removed) == (30, 1)
+    ix.set_query_arguments(ef=40)
+    s = keys[:3] @ keys.T
+    s[:, 0] = -np.inf
+    np.testing.assert_array_equal(ix.batch_query(keys[:3], 5), np.argsort(-s, 1)[:, :5])
+    ix.add(keys[:2])                      # keeps going, uncentred
+    assert ix.count == 32
 
 
 @pytest.mark.parametrize("opt,value", [("M", 1), ("M", 0), ("M", True), ("M", 2.5), ("M", "16"),
