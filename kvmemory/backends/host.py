@@ -117,11 +117,10 @@ class HostBackend(Backend):
             ids = np.concatenate([ids, np.full((B, T, H, k - m), -1, np.int64)], -1)
             scores = np.concatenate([scores, np.zeros((B, T, H, k - m), np.float32)], -1)
         mask = ids >= 0
-        zero = np.float32(0)
-        return SearchResult(
-            keys=np.where(mask[..., None], ring.take(ring.keys, ids), zero),
-            values=np.where(mask[..., None], ring.take(ring.values, ids), zero),
-            scores=np.where(mask, scores, zero),
-            ids=ids.astype(np.int64, copy=False),
-            mask=mask,
-        )
+        keys, values = ring.take(ring.keys, ids), ring.take(ring.values, ids)
+        empty = ~mask
+        keys[empty] = 0
+        values[empty] = 0
+        scores[empty] = 0
+        return SearchResult(keys=keys, values=values, scores=scores, ids=ids.astype(np.int64, copy=False),
+                            mask=mask)
