@@ -17,7 +17,15 @@ import numpy as np
 
 
 def build_and_search(keys, queries, k, metric, params):
-    """Build one faiss index over keys [n, d] float32 and search queries [t, d] float32 once.
+    """(ids [t, k] int64 with -1 pads, build_seconds, search_seconds): ``build`` then one search."""
+    search, build_s = build(keys, k, metric, params)
+    t0 = time.perf_counter()
+    ids = search(queries)
+    return ids, build_s, time.perf_counter() - t0
+
+
+def build(keys, k, metric, params):
+    """Build one faiss index over keys [n, d] float32; returns (search, build_seconds).
 
     metric: "ip", "cosine" (ip over unit vectors) or "l2".
     params: backend options used here: index ("flat" | "ivf" | "hnsw" | factory
@@ -26,13 +34,11 @@ def build_and_search(keys, queries, k, metric, params):
         ``Memory.options``; other keys are ignored, missing ones get the
         backend's defaults for a segment of n keys. The index is built with
         one thread, as the backend does.
-    returns (ids [t, k] int64 with -1 pads, build_seconds, search_seconds).
+    ``search(queries [t, d] float32) -> ids [t, k] int64`` (-1 pads) is one faiss search call.
     """
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if metric == "cosine":
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-30)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
     n, d = keys.shape
     kind = params.get("index") or "ivf"
     nlist = params.get("nlist") or max(1, min(round(4 * math.sqrt(n)), n // 39))
@@ -55,11 +61,18 @@ def build_and_search(keys, queries, k, metric, params):
                 space.set_index_parameter(index, name, value)
             except RuntimeError:      # the index has no such parameter
                 pass
-        build = time.perf_counter() - t0
-        faiss.omp_set_num_threads(params.get("num_threads") or os.cpu_count() or 1)
-        t0 = time.perf_counter()
-        _, ids = index.search(queries, k)
-        search = time.perf_counter() - t0
+        build_s = time.perf_counter() - t0
     finally:
         faiss.omp_set_num_threads(prev)
-    return ids.astype(np.int64), build, search
+
+    def search(queries):
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if metric == "cosine":
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+        faiss.omp_set_num_threads(params.get("num_threads") or os.cpu_count() or 1)
+        try:
+            return index.search(queries, k)[1].astype(np.int64)
+        finally:
+            faiss.omp_set_num_threads(prev)
+
+    return search, build_s

@@ -13,7 +13,15 @@ CENTRE_SAMPLE = 512
 
 
 def build_and_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str, params: dict):
-    """One monolithic hnswlib index over keys [n, d] float32, searched by queries [t, d] float32.
+    """(ids [t, k] int64, build seconds, search seconds): ``build`` then one search."""
+    search, build_s = build(keys, k, metric, params)
+    t0 = time.perf_counter()
+    ids = search(queries)
+    return ids, build_s, time.perf_counter() - t0
+
+
+def build(keys: np.ndarray, k: int, metric: str, params: dict):
+    """One monolithic hnswlib index over keys [n, d] float32; returns (search, build seconds).
 
     metric: "ip" | "cosine" | "l2" (cosine: both sides normalized, space "ip", as the backend does).
     For "ip" and "cosine" the graph holds centred keys ``k - c``, c the mean of the first
@@ -23,14 +31,12 @@ def build_and_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str,
     params: M, ef_construction, ef as resolved by ``backend="hnsw"`` (e.g. ``Memory.options``;
     other keys ignored); missing ones get the backend's defaults for a segment of n entries.
     Items are added with one thread, as the backend does; the search is one ``knn_query``
-    on all cores. Returns (ids [t, k] int64 best first, -1 padded; build seconds; search seconds).
+    on all cores: ``search(queries [t, d] float32) -> ids [t, k] int64`` best first, -1 padded.
     """
     keys = np.ascontiguousarray(keys, np.float32)
-    queries = np.ascontiguousarray(queries, np.float32)
     n, d = keys.shape
     if metric == "cosine":
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-30)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
     if metric != "l2" and n:
         keys = np.ascontiguousarray(keys - keys[:CENTRE_SAMPLE].mean(0, dtype=np.float64), np.float32)
     M = params.get("M") or (16 if d <= 256 else 32)
@@ -41,13 +47,17 @@ def build_and_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str,
     index = hnswlib.Index(space="l2" if metric == "l2" else "ip", dim=d)
     index.init_index(max_elements=n, M=M, ef_construction=ef_construction)
     index.add_items(keys, np.arange(n), num_threads=1)
-    build = time.perf_counter() - t0
-
+    build_s = time.perf_counter() - t0
     index.set_ef(ef)
     kk = min(k, n)
-    t0 = time.perf_counter()
-    labels, _ = index.knn_query(queries, k=kk, num_threads=os.cpu_count() or 1)
-    search = time.perf_counter() - t0
-    ids = np.full((len(queries), k), -1, np.int64)
-    ids[:, :kk] = labels
-    return ids, build, search
+
+    def search(queries):
+        queries = np.ascontiguousarray(queries, np.float32)
+        if metric == "cosine":
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+        labels, _ = index.knn_query(queries, k=kk, num_threads=os.cpu_count() or 1)
+        ids = np.full((len(queries), k), -1, np.int64)
+        ids[:, :kk] = labels
+        return ids
+
+    return search, build_s

@@ -16,19 +16,26 @@ from kvmemory.backends.scann import SCAN_PER_REORDER, ScannBackend
 
 
 def build_and_search(keys, queries, k, metric, params):
-    """(ids [t, k] int64 (-1 pads), build_seconds, search_seconds) of one ScaNN tree-AH index.
+    """(ids [t, k] int64 (-1 pads), build_seconds, search_seconds): ``build`` then one search."""
+    search, build_s = build(keys, k, metric, params)
+    t0 = time.perf_counter()
+    ids = search(queries)
+    return ids, build_s, time.perf_counter() - t0
+
+
+def build(keys, k, metric, params):
+    """One ScaNN tree-AH index over keys; returns (search, build_seconds).
 
     keys [n, d] float32, queries [t, d] float32, metric "ip" | "cosine" | "l2";
     params: any of ScannBackend's options (num_leaves, num_leaves_to_search,
     reorder, dimensions_per_block, anisotropic_quantization_threshold,
     training_sample_size, hash_training_sample_size); the rest are the
     backend's defaults for a single segment of n = len(keys) entries.
+    ``search(queries [t, d] float32) -> ids [t, k] int64`` is one search_batched_parallel call.
     """
     keys = np.ascontiguousarray(keys, np.float32)
-    queries = np.ascontiguousarray(queries, np.float32)
     if metric == "cosine":
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-30)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
     n = len(keys)
     p = {**ScannBackend.build_options, **ScannBackend.search_options, **params}
     leaves = p["num_leaves"] or max(1, round(math.sqrt(n)))
@@ -44,8 +51,13 @@ def build_and_search(keys, queries, k, metric, params):
                         anisotropic_quantization_threshold=float("nan") if aqt is None else aqt)
               .reorder(reorder).create_config())
     searcher = sop.create_searcher(keys, config, p["num_threads"] or 0)
-    t1 = time.perf_counter()
-    ids, dist = searcher.search_batched_parallel(queries, k, reorder, to_search)
-    t2 = time.perf_counter()
-    ids = np.where(np.isfinite(dist), ids.astype(np.int64), -1)
-    return ids, t1 - t0, t2 - t1
+    build_s = time.perf_counter() - t0
+
+    def search(queries):
+        queries = np.ascontiguousarray(queries, np.float32)
+        if metric == "cosine":
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+        ids, dist = searcher.search_batched_parallel(queries, k, reorder, to_search)
+        return np.where(np.isfinite(dist), ids.astype(np.int64), -1)
+
+    return search, build_s
