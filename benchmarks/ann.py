@@ -35,7 +35,7 @@ Modes:
             segment (segment_size = capacity, so one index as the direct call
             builds), vs calling its library directly on the same keys, queries
             and options, through benchmarks/direct/<lib>_direct.py
-            ``build_and_search``. Target: kvmemory QPS >= 0.9x direct. The
+            ``build`` (searches of both timed alternately). Target: kvmemory QPS >= 0.9x direct. The
             default (segmented) memory is reported beside it: its extra cost is
             the price of O(1) FIFO eviction, not of the wrapper.
   speedup   at capacity 262,144 (unless --capacity is given), each approximate

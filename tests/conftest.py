@@ -22,6 +22,17 @@ def backend_options(backend, capacity):
     return {}
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny tensors: torch's threads only add contention on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -15,13 +15,7 @@ from kvmemory_torch import bridge  # noqa: E402
 B, T, DIM, H, D = 2, 4, 8, 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def layer(backend="torch", capacity=16, k=3, batch_size=B, **options):

@@ -14,13 +14,7 @@ from kvmemory_torch import TorchBackend  # noqa: E402
 B, H, C, DK, DV = 3, 2, 32, 16, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def pair(metric="ip", capacity=C, **options):

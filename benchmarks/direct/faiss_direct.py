@@ -16,14 +16,6 @@ import faiss
 import numpy as np
 
 
-def build_and_search(keys, queries, k, metric, params):
-    """(ids [t, k] int64 with -1 pads, build_seconds, search_seconds): ``build`` then one search."""
-    search, build_s = build(keys, k, metric, params)
-    t0 = time.perf_counter()
-    ids = search(queries)
-    return ids, build_s, time.perf_counter() - t0
-
-
 def build(keys, k, metric, params):
     """Build one faiss index over keys [n, d] float32; returns (search, build_seconds).
 

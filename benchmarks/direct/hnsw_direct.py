@@ -12,14 +12,6 @@ import numpy as np
 CENTRE_SAMPLE = 512
 
 
-def build_and_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str, params: dict):
-    """(ids [t, k] int64, build seconds, search seconds): ``build`` then one search."""
-    search, build_s = build(keys, k, metric, params)
-    t0 = time.perf_counter()
-    ids = search(queries)
-    return ids, build_s, time.perf_counter() - t0
-
-
 def build(keys: np.ndarray, k: int, metric: str, params: dict):
     """One monolithic hnswlib index over keys [n, d] float32; returns (search, build seconds).
 

@@ -15,14 +15,6 @@ from scann.scann_ops.py import scann_ops_pybind as sop
 from kvmemory.backends.scann import SCAN_PER_REORDER, ScannBackend
 
 
-def build_and_search(keys, queries, k, metric, params):
-    """(ids [t, k] int64 (-1 pads), build_seconds, search_seconds): ``build`` then one search."""
-    search, build_s = build(keys, k, metric, params)
-    t0 = time.perf_counter()
-    ids = search(queries)
-    return ids, build_s, time.perf_counter() - t0
-
-
 def build(keys, k, metric, params):
     """One ScaNN tree-AH index over keys; returns (search, build_seconds).
 
