@@ -205,7 +205,7 @@ def _npz_bytes(arrays):
 
 
 @pytest.mark.parametrize("damage", ["no assets", "garbage assets", "undecodable assets", "no dataset",
-                                    "torn partitioner"])
+                                    "torn partitioner", "asset outside the saved files"])
 def test_corrupt_scann_assets_raise_value_error(rng, damage):
     import io
     from kvmemory.backends.scann import ScannSegmentIndex
@@ -221,6 +221,9 @@ def test_corrupt_scann_assets_raise_value_error(rng, damage):
         z[assets] = np.frombuffer(b"\xff\xfe\x00", np.uint8)
     elif damage == "no dataset":
         del z["scann/dataset.npy"]
+    elif damage == "asset outside the saved files":
+        text = bytes(z[assets]).decode().replace('"dataset.npy"', '"../../etc/dataset.npy"')
+        z[assets] = np.frombuffer(text.encode(), np.uint8)
     else:
         z["scann/serialized_partitioner.pb"] = z["scann/serialized_partitioner.pb"][:50]
     with pytest.raises(ValueError, match="saved scann index is corrupt"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -177,8 +178,13 @@ class ScannSegmentIndex(SegmentIndex):
             for name, content in files.items():
                 np.asarray(content, np.uint8).tofile(os.path.join(tmp, name))
             with open(os.path.join(tmp, "scann_assets.pbtxt"), encoding="utf-8") as f:
-                # not load_searcher: it would unpickle a scann_docids.pkl
-                searcher = _sop.ScannSearcher(_sop.scann_pybind.ScannNumpy(tmp, f.read()))
+                assets = f.read()
+            # every asset must be one of the files just written: a crafted path could read any file
+            for path in re.findall(r'asset_path:\s*"([^"]*)"', assets):
+                if path not in files:
+                    raise ValueError(f"asset path {path!r} is not one of the saved files")
+            # not load_searcher: it would unpickle a scann_docids.pkl
+            searcher = _sop.ScannSearcher(_sop.scann_pybind.ScannNumpy(tmp, assets))
         searcher.set_num_threads(1)
         return searcher
 
