@@ -84,3 +84,11 @@ def test_defaulted_num_threads_is_saved_unresolved(tmp_path):
         assert mem.options["num_threads"] is None and mem.backend.num_threads >= 1
         mem.save(tmp_path / backend)
         assert kvmemory.Memory.load(tmp_path / backend).options["num_threads"] is None
+
+
+def test_numpy_int_num_threads_is_saved_as_an_int(tmp_path):
+    for backend in ("exact", "test-segmented"):
+        mem = kvmemory.Memory(key_dim=D, capacity=8, backend=backend, num_threads=np.int64(2))
+        assert type(mem.options["num_threads"]) is int
+        mem.save(tmp_path / backend)
+        assert kvmemory.Memory.load(tmp_path / backend).options["num_threads"] == 2

@@ -37,8 +37,8 @@ class HostBackend(Backend):
         self.ring = Ring(config)
         threads = self.options.get("num_threads")
         if threads is not None:
-            check_int_option("num_threads", threads, maximum=4096)
-        self.num_threads = int(threads or os.cpu_count() or 1)
+            threads = self.options["num_threads"] = check_int_option("num_threads", threads, maximum=4096)
+        self.num_threads = threads or os.cpu_count() or 1
         self._pool = None
 
     def map(self, fn, items: list) -> list:
