@@ -24,6 +24,13 @@ def score_candidates(metric: str, queries: np.ndarray, keys: np.ndarray, sqnorms
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
+def unit(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Rows of x [..., D] scaled to unit length (zero rows stay zero); ``norms`` [..., 1] if already known."""
+    if norms is None:
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
 def column_transform(metric: str, sqnorms):
     """(weight, bias) per key so that ``score * weight - bias`` ranks keys as the metric does.
 

@@ -94,7 +94,7 @@ class TorchBackend(Backend):
         self.options["block_bytes"] = check_int_option("block_bytes", self.options["block_bytes"])
         if not isinstance(self.options["check_finite"], bool):
             raise ValueError(f"check_finite must be a bool, got {self.options['check_finite']!r}")
-        self.set_search_options(**self.search_args)
+        self.search_args = self.check_search_options(self.search_args)
 
         B, H, C = config.batch_size, config.num_heads, config.capacity
         f32 = dict(dtype=torch.float32, device=self.device)
@@ -106,10 +106,10 @@ class TorchBackend(Backend):
                           if self.score_dtype != torch.float32 or config.metric == "cosine" else None)
         self._upper = np.zeros(B, np.int64)
 
-    def set_search_options(self, **options) -> None:
+    def check_search_options(self, options: dict) -> dict:
         if "rescore_factor" in options:
-            options["rescore_factor"] = check_int_option("rescore_factor", options["rescore_factor"])
-        super().set_search_options(**options)
+            options = {**options, "rescore_factor": check_int_option("rescore_factor", options["rescore_factor"])}
+        return options
 
     # -- arrays ------------------------------------------------------------------
     def convert(self, x) -> torch.Tensor:

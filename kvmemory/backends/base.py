@@ -24,7 +24,8 @@ A backend class declares:
 * ``build_options`` - ``{option: default}`` fixed at construction;
 * ``search_options`` - ``{option: default}`` that ``Memory.set_search_options``
   may change between searches (ef, nprobe, ...). A default of ``None`` means
-  "derived from the config" and is resolved by the backend's ``__init__``.
+  "derived from the config" and is resolved by the backend's ``__init__``;
+  ``check_search_options`` validates values (initial and later ones alike).
 
 Unknown options raise ``ValueError`` naming the valid ones (done here, in
 ``Backend.__init__``). A backend is registered by name in
@@ -89,7 +90,15 @@ class Backend:
                 f"unknown search option(s) {unknown} for backend {self.name!r}; "
                 f"valid search options: {sorted(self.search_options)}"
             )
-        self.search_args.update(options)
+        self.search_args.update(self.check_search_options(dict(options)))
+
+    def check_search_options(self, options: dict) -> dict:
+        """Validated values of some of this backend's search options (None: the default); raise ValueError.
+
+        Called by ``set_search_options`` before anything changes; a backend
+        also passes its initial ``search_args`` through it once its build options are resolved.
+        """
+        return options
 
     def all_options(self) -> dict:
         """Resolved build and search options, as saved with the memory."""

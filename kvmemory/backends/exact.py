@@ -30,12 +30,13 @@ class ExactBackend(HostBackend):
         B, T, H, D = queries.shape
         C = self.config.capacity
         ring = self.ring
-        n = int(ring.sizes().max(initial=0))      # no per-search work beyond what the fullest row holds
+        sizes = ring.sizes()
+        n = int(sizes.max(initial=0))      # no per-search work beyond what the fullest row holds
         q = np.ascontiguousarray(queries.transpose(0, 2, 1, 3)).reshape(B * H, T, D)
         keys = ring.keys.reshape(B * H, C, D)[:, :n]
         sq = ring.sqnorms.reshape(B * H, C)[:, :n] if ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
-        n_valid = np.repeat(ring.sizes(), H)
+        n_valid = np.repeat(sizes, H)
         slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
                              self.map, self.num_threads)
         slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)

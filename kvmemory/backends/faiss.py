@@ -325,7 +325,7 @@ class FaissBackend(SegmentedBackend):
         self.device = self._resolve_device(o["device"], o["index"])
         self.library_build = {**{k: o[k] for k in ("index", "nlist", "M", "ef_construction")},
                               "device": self.device}
-        self.search_args = self._check_search(self.search_args)
+        self.search_args = self.check_search_options(self.search_args)
 
     def _resolve_device(self, device: str, kind: str) -> str:
         if device == "cpu" or (device == "auto" and (kind == "hnsw" or not has_gpu())):
@@ -337,10 +337,6 @@ class FaissBackend(SegmentedBackend):
             raise ValueError("index='hnsw' has no faiss GPU implementation: use device='cpu' or index='ivf'")
         return "cuda"
 
-    def _check_search(self, args: dict) -> dict:
+    def check_search_options(self, options: dict) -> dict:
         defaults = {"nprobe": default_nprobe(self.options["nlist"]), "ef_search": 64}
-        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in args.items()}
-
-    def set_search_options(self, **options) -> None:
-        known = self._check_search({k: v for k, v in options.items() if k in self.search_options})
-        super().set_search_options(**{**options, **known})     # the base class rejects unknown names
+        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in options.items()}

@@ -251,13 +251,11 @@ class HnswBackend(SegmentedBackend):
         o["M"] = check_int_option("M", (16 if config.key_dim <= 256 else 32) if o["M"] is None else o["M"], 2)
         o["ef_construction"] = check_int_option(
             "ef_construction", max(64, 4 * o["M"]) if o["ef_construction"] is None else o["ef_construction"], 1)
-        self.search_args["ef"] = self._ef(self.search_args["ef"])
+        self.search_args = self.check_search_options(self.search_args)
         self.library_build = {"M": o["M"], "ef_construction": o["ef_construction"]}
 
-    def _ef(self, ef):
-        return check_int_option("ef", (64 if self.options["segment_size"] <= 32768 else 128) if ef is None else ef, 1)
-
-    def set_search_options(self, **options):
+    def check_search_options(self, options: dict) -> dict:
         if "ef" in options:
-            options["ef"] = self._ef(options["ef"])
-        super().set_search_options(**options)
+            default = 64 if self.options["segment_size"] <= 32768 else 128
+            options = {**options, "ef": check_int_option("ef", default if options["ef"] is None else options["ef"])}
+        return options

@@ -254,14 +254,10 @@ class ScannBackend(SegmentedBackend):
                 raise ValueError("anisotropic_quantization_threshold applies to metric 'ip'/'cosine', not 'l2'")
             o["anisotropic_quantization_threshold"] = float(aqt)
         self.library_build = {k: v for k, v in o.items() if k not in self.common_build_options}
-        self.search_args = self._check_search(self.search_args)
+        self.search_args = self.check_search_options(self.search_args)
 
-    def _check_search(self, args: dict) -> dict:
-        """Validated copies of the search options in ``args`` as python ints; None means the default."""
+    def check_search_options(self, options: dict) -> dict:
+        """The search options as python ints; None means the default."""
         defaults = {"num_leaves_to_search": math.ceil(self.options["num_leaves"] / 8),
                     "reorder": self.search_options["reorder"]}
-        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in args.items()}
-
-    def set_search_options(self, **options) -> None:
-        known = self._check_search({k: v for k, v in options.items() if k in self.search_options})
-        super().set_search_options(**{**options, **known})     # the base class rejects unknown names
+        return {k: check_int_option(k, defaults[k] if v is None else v) for k, v in options.items()}

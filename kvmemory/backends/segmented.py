@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 
-from ..metrics import column_transform
+from ..metrics import column_transform, unit
 from ..validation import check_int_option
 from .host import HostBackend
 from .segment_index import SegmentIndex
@@ -102,8 +102,7 @@ class SegmentedBackend(HostBackend):
         slots = ids % self.config.capacity
         keys = self.ring.keys[b][:, slots]
         if self.config.metric == "cosine":
-            norms = np.sqrt(self.ring.sqnorms[b][:, slots])[..., None]
-            keys = np.divide(keys, norms, out=np.zeros_like(keys), where=norms > 0)
+            keys = unit(keys, np.sqrt(self.ring.sqnorms[b][:, slots])[..., None])
         return keys
 
     def _index_add(self, start: np.ndarray, stop: np.ndarray) -> None:
@@ -195,10 +194,7 @@ class SegmentedBackend(HostBackend):
         chunks = max(1, min(T, math.ceil(self.num_threads / max(len(plan), 1)))) if T else 1
         bounds = np.linspace(0, T, chunks + 1).astype(int)
         tasks = [p + (int(t0), int(t1)) for p in plan for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
-        index_queries = queries
-        if self.config.metric == "cosine":
-            norms = np.linalg.norm(queries, axis=-1, keepdims=True)
-            index_queries = np.divide(queries, norms, out=np.zeros_like(queries), where=norms > 0)
+        index_queries = unit(queries) if self.config.metric == "cosine" else queries
         results = self.map(lambda t: self._search_one(t, queries, index_queries), tasks)
         groups = {}
         for task, ids in zip(tasks, results):
