@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmemory import Memory
+from kvmemory.validation import check_int_option
 
 from . import bridge
 from .backend import resolve_device
@@ -62,9 +63,8 @@ class KNNAttention(nn.Module):
                  normalize_qk: bool = True, init_scale: float | None = None, xl_cache: bool = False,
                  gate_init: float = 0.0, bias: bool = False):
         super().__init__()
-        for name, value in (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        dim, num_heads, head_dim, k = (check_int_option(name, value) for name, value in
+                                       (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim), ("k", k)))
         self.dim, self.num_heads, self.head_dim, self.k = dim, num_heads, head_dim, k
         self.normalize_qk, self.xl_cache = normalize_qk, xl_cache
         inner = num_heads * head_dim
