@@ -85,15 +85,20 @@ class Memory:
         if keys.shape[1]:
             self.backend.add(keys, values)
 
-    def search(self, queries, k: int = 32) -> SearchResult:
+    def search(self, queries, k: int = 32, *, with_entries: bool = True) -> SearchResult:
         """Top-k live entries of each query's (row, head), best first.
 
         queries: [batch, tokens, heads, key_dim]. Slots beyond what a row
         holds come back masked (``mask`` False, ids -1, zeros elsewhere).
+        ``with_entries=False`` returns only ids, scores and mask (``keys`` and
+        ``values`` are None): for callers that keep their own store, and
+        cheaper, since nothing is gathered.
         """
         k = check_k(k)
+        if not isinstance(with_entries, bool):
+            raise TypeError(f"with_entries must be a bool, got {type(with_entries).__name__} {with_entries!r}")
         queries = self._check(queries, "queries", "key_dim", self.key_dim)
-        return self.backend.search(queries, k)
+        return self.backend.search(queries, k, with_entries)
 
     def clear(self, rows=None) -> None:
         """Forget every entry of ``rows`` (an int, ints, or a bool mask [batch]); all rows if None."""

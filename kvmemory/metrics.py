@@ -43,3 +43,17 @@ def column_transform(metric: str, sqnorms):
         norms = np.sqrt(sqnorms)
         return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0), None
     return np.float32(2.0), sqnorms
+
+
+def scores_from_ranked(metric: str, ranked: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Metric scores [..., m] from the ranked scores of ``column_transform`` for queries [..., D].
+
+    cosine: ranked / |q| (0 for a zero query); l2: ranked - |q|^2, at most 0; ip: ranked itself.
+    """
+    if metric == "ip":
+        return ranked
+    q_sq = np.einsum("...d,...d->...", queries, queries)[..., None]
+    if metric == "l2":
+        return np.minimum(ranked - q_sq, 0)
+    q_norm = np.sqrt(q_sq)
+    return np.divide(ranked, q_norm, out=np.zeros_like(ranked), where=q_norm > 0)

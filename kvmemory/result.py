@@ -13,8 +13,9 @@ class SearchResult:
     Arrays are of the backend's kind (numpy for host backends, torch tensors
     for ``backend="torch"``); B = batch, T = query tokens, H = heads.
 
-    keys:   [B, T, H, k, key_dim]   stored keys of the neighbours
-    values: [B, T, H, k, value_dim] stored values of the neighbours
+    keys:   [B, T, H, k, key_dim]   stored keys of the neighbours (None if searched
+            with ``with_entries=False``)
+    values: [B, T, H, k, value_dim] stored values of the neighbours (likewise)
     scores: [B, T, H, k] float32, higher is closer: q.k (ip), cosine (cosine),
             -||q - k||^2 (l2); sorted best first
     ids:    [B, T, H, k] int64, the entry's position in its row's stream since

@@ -205,14 +205,14 @@ class TorchBackend(Backend):
 
     # -- search ----------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, with_entries: bool = True) -> SearchResult:
         B, T, H, D = queries.shape
         C = self.config.capacity
         n_max = int(min(self._upper.max(initial=0), C))
         low_precision = self.score_dtype != torch.float32
         m = min(k * self.search_args["rescore_factor"] if low_precision else k, n_max)
         if m == 0 or T == 0:
-            return self._empty(B, T, H, k)
+            return self._empty(B, T, H, k, with_entries)
 
         q = queries.transpose(1, 2).reshape(B * H, T, D)                     # [G,T,D]
         n_valid = torch.clamp(self.row_counts, max=C).repeat_interleave(H)  # [G]
@@ -224,15 +224,16 @@ class TorchBackend(Backend):
         scores, order = torch.topk(scores, kk, dim=-1)                       # sorted, best first
         slots = slots.gather(-1, order)
         mask = valid.gather(-1, order)
-        keys = cand_keys.gather(2, order[..., None].expand(-1, -1, -1, D))
-        values = self._gather(self.values, slots)
 
         lo = torch.clamp(self.row_counts - C, min=0).repeat_interleave(H)[:, None, None]
         ids = torch.where(mask, lo + (slots - lo) % C, -1)
         zero = torch.zeros((), device=self.device)
         scores = torch.where(mask, scores, zero)
-        keys = torch.where(mask[..., None], keys, zero)
-        values = torch.where(mask[..., None], values, zero)
+        keys = values = None
+        if with_entries:
+            keys = cand_keys.gather(2, order[..., None].expand(-1, -1, -1, D))
+            keys = torch.where(mask[..., None], keys, zero)
+            values = torch.where(mask[..., None], self._gather(self.values, slots), zero)
 
         def out(x):  # [G,T,kk,...] -> [B,T,H,k,...], padded with zeros
             x = x.reshape(B, H, T, kk, *x.shape[3:]).transpose(1, 2)
@@ -241,8 +242,8 @@ class TorchBackend(Backend):
                 x = torch.cat([x, pad if x.dtype != torch.int64 else pad - 1], 3)
             return x.contiguous()
 
-        return SearchResult(keys=out(keys), values=out(values), scores=out(scores),
-                            ids=out(ids), mask=out(mask))
+        return SearchResult(keys=out(keys) if with_entries else None, values=out(values) if with_entries else None,
+                            scores=out(scores), ids=out(ids), mask=out(mask))
 
     def _scan(self, q: torch.Tensor, n_valid: torch.Tensor, m: int, n_max: int) -> torch.Tensor:
         """Slots [G,T,m] of the m best ranked keys among the first n_max, tile by tile.
@@ -308,11 +309,11 @@ class TorchBackend(Backend):
         denom = torch.sqrt(q_sq * sq)
         return torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0), keys
 
-    def _empty(self, B: int, T: int, H: int, k: int) -> SearchResult:
+    def _empty(self, B: int, T: int, H: int, k: int, with_entries: bool) -> SearchResult:
         c, dev = self.config, self.device
         return SearchResult(
-            keys=torch.zeros(B, T, H, k, c.key_dim, device=dev),
-            values=torch.zeros(B, T, H, k, c.value_dim, device=dev),
+            keys=torch.zeros(B, T, H, k, c.key_dim, device=dev) if with_entries else None,
+            values=torch.zeros(B, T, H, k, c.value_dim, device=dev) if with_entries else None,
             scores=torch.zeros(B, T, H, k, device=dev),
             ids=torch.full((B, T, H, k), -1, dtype=torch.int64, device=dev),
             mask=torch.zeros(B, T, H, k, dtype=torch.bool, device=dev),

@@ -41,11 +41,11 @@ def add(memory: Memory, keys: torch.Tensor, values: torch.Tensor) -> None:
     memory.add(both[..., :dk], both[..., dk:])
 
 
-def search(memory: Memory, queries: torch.Tensor, k: int) -> SearchResult:
+def search(memory: Memory, queries: torch.Tensor, k: int, with_entries: bool = True) -> SearchResult:
     """Top-k of queries [B,T,H,Dk] as a SearchResult of tensors on ``queries.device``."""
     if is_device_memory(memory):
-        return memory.search(queries.detach(), k)
-    res = memory.search(_to_host(queries), k)
+        return memory.search(queries.detach(), k, with_entries=with_entries)
+    res = memory.search(_to_host(queries), k, with_entries=with_entries)
     return result_to_device(res, queries.device)
 
 
@@ -56,7 +56,7 @@ def clear(memory: Memory, rows: torch.Tensor) -> None:
 
 def result_to_device(res: SearchResult, device: torch.device) -> SearchResult:
     """A numpy SearchResult as tensors on ``device``, with one host-to-device copy."""
-    parts = [np.ascontiguousarray(a) for a in (res.keys, res.values, res.scores, res.ids)]
+    parts = [np.ascontiguousarray(a) for a in (res.keys, res.values, res.scores, res.ids) if a is not None]
     offsets, total = [], 0
     for a in parts:
         total += -total % 8  # keep every part 8-byte aligned so it can be viewed as its dtype
@@ -72,5 +72,7 @@ def result_to_device(res: SearchResult, device: torch.device) -> SearchResult:
     for a, off in zip(parts, offsets):
         dtype = torch.int64 if a.dtype == np.int64 else torch.float32
         out.append(flat[off:off + a.nbytes].view(dtype).view(a.shape))
+    if res.keys is None:
+        out = [None, None] + out
     keys, values, scores, ids = out
     return SearchResult(keys=keys, values=values, scores=scores, ids=ids, mask=ids >= 0)

@@ -33,7 +33,8 @@ class FlatSegmentIndex(SegmentIndex):
             s = 2 * s - (self.keys ** 2).sum(1)
         if self.removes:
             s[:, :self.removed] = -np.inf
-        return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+        # no scores: the segmented layer must re-score from the ring (the path library indices skip)
+        return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64), None
 
     def serialize(self):
         buf = io.BytesIO()

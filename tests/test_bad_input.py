@@ -89,6 +89,8 @@ def test_bad_search_is_refused(backend):
         mem.search(with_nan(q), k=2)
     with pytest.raises(ValueError, match="queries axis 3 \\(key_dim\\) must be 4, got 3"):
         mem.search(np.ones((B, 1, H, 3), np.float32), k=2)
+    with pytest.raises(TypeError, match="with_entries must be a bool, got int 0"):
+        mem.search(q, k=2, with_entries=0)
     assert_unchanged(mem, before)
 
 

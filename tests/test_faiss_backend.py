@@ -56,8 +56,11 @@ def test_flat_matches_exact(metric):
     e = Memory(D, capacity=C, num_heads=2, batch_size=2, metric=metric)
     fill([m, e], keys, chunk=700)
     r, x = m.search(queries, K), e.search(queries, K)
-    np.testing.assert_array_equal(r.ids, x.ids)
-    np.testing.assert_array_equal(r.scores, x.scores)
+    # faiss scores in its own float32 kernels: equal up to rounding, so near ties may swap
+    np.testing.assert_allclose(r.scores, x.scores, rtol=1e-5, atol=1e-4)
+    differ = r.ids != x.ids
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(r.scores[differ], x.scores[differ], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("index,C", [("ivf", 8192), ("hnsw", 4096)])

@@ -210,7 +210,9 @@ def test_brute_fallback_matches_exact():
         q = rng.standard_normal((5, 8)).astype(np.float32)
         s = q @ keys.T if metric == "ip" else -((q[:, None] - keys) ** 2).sum(-1)
         s[:, :10] = -np.inf
-        np.testing.assert_array_equal(ix._brute(q, 7), np.argsort(-s, 1, kind="stable")[:, :7])
+        pos, scores = ix._brute(q, 7)
+        np.testing.assert_array_equal(pos, np.argsort(-s, 1, kind="stable")[:, :7])
+        np.testing.assert_allclose(scores, np.take_along_axis(s, pos, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_clear():
@@ -296,7 +298,9 @@ def test_reads_version_1_files(tmp_path):
     ix.set_query_arguments(ef=40)
     s = keys[:3] @ keys.T
     s[:, 0] = -np.inf
-    np.testing.assert_array_equal(ix.batch_query(keys[:3], 5), np.argsort(-s, 1)[:, :5])
+    pos, scores = ix.batch_query(keys[:3], 5)
+    np.testing.assert_array_equal(pos, np.argsort(-s, 1)[:, :5])
+    np.testing.assert_allclose(scores, np.take_along_axis(s, pos, 1), rtol=1e-5, atol=1e-5)
     ix.add(keys[:2])                      # keeps going, uncentred
     assert ix.count == 32
 
@@ -334,6 +338,7 @@ def test_unreachable_live_entries_fall_back_to_exact():
     q = rng.standard_normal((20, 8)).astype(np.float32)
     with pytest.raises(RuntimeError):
         ix.index.knn_query(q, k=100, num_threads=1)
-    pos = ix.batch_query(q, 100)
-    assert pos.shape == (20, 100)
+    pos, scores = ix.batch_query(q, 100)
+    assert pos.shape == scores.shape == (20, 100)
+    np.testing.assert_allclose(scores, -((q[:, None] - keys[pos]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
     assert all(set(p) == set(range(2900, 3000)) for p in pos.tolist())

@@ -8,6 +8,7 @@ import pytest
 
 import kvmemory
 from checks import check_result
+from conftest import backend_options, installed_backends
 from reference import ReferenceMemory
 
 
@@ -117,14 +118,18 @@ def test_two_stage_topk_is_exact_on_large_blocks(rng):
     keys = rand(rng, 3, 20000, 16)
     n_valid = np.array([40000, 15000, 33])
     keys = np.concatenate([keys, keys], axis=1)
-    got = blocked_topk(q, keys, n_valid, 32, block_bytes=1 << 20, threads=2)
+    got, ranked = blocked_topk(q, keys, n_valid, 32, block_bytes=1 << 20, threads=2)
     for g in range(3):
         scores = q[g] @ keys[g, :n_valid[g]].T
         want = np.sort(scores, 1)[:, ::-1][:, :32]
-        got_scores = np.sort(np.take_along_axis(scores, np.where(got[g] < 0, 0, got[g]), 1), 1)[:, ::-1]
+        true = np.take_along_axis(scores, np.where(got[g] < 0, 0, got[g]), 1)
         valid = min(32, n_valid[g])
+        got_scores = np.sort(true, 1)[:, ::-1]
         np.testing.assert_allclose(got_scores[:, :valid], want[:, :valid], rtol=1e-5)
         assert (got[g] >= 0).sum(1).tolist() == [valid] * 7
+        # the returned ranked scores are those of the returned keys, -inf where none
+        np.testing.assert_allclose(ranked[g][got[g] >= 0], true[got[g] >= 0], rtol=1e-5, atol=1e-5)
+        assert np.isneginf(ranked[g][got[g] < 0]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
@@ -187,3 +192,43 @@ def test_register_backend_by_dotted_path(rng):
     assert type(mem.backend).__name__ == "ExactBackend"
     with pytest.raises(ValueError, match="module:Class"):
         kvmemory.register_backend("bad", "no_colon_here")
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_search_without_entries_matches_full_search(backend, rng):
+    mem = kvmemory.Memory(key_dim=8, value_dim=5, capacity=60, num_heads=2, batch_size=2, backend=backend,
+                          **backend_options(backend, 60))
+    keys = rand(rng, 2, 90, 2, 8)
+    for t in range(0, 90, 30):
+        mem.add(keys[:, t:t + 30], rand(rng, 2, 30, 2, 5))
+    mem.clear([1])
+    mem.add(keys[:1, :7].repeat(2, 0), rand(rng, 2, 7, 2, 5))
+    q = rand(rng, 2, 6, 2, 8)
+    full, lean = mem.search(q, 12), mem.search(q, 12, with_entries=False)
+    assert lean.keys is None and lean.values is None
+    for a, b in ((full.ids, lean.ids), (full.scores, lean.scores), (full.mask, lean.mask)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(lean.mask)[1].sum(-1).max() == 7
+
+
+def test_parallel_gather_equals_serial(rng, monkeypatch):
+    """Large gathers are split over the pool: each part must land in its own slots, masked ones zero."""
+    from kvmemory.backends import host
+
+    def filled(threads):
+        mem = kvmemory.Memory(key_dim=8, value_dim=3, capacity=50, num_heads=2, batch_size=2, num_threads=threads)
+        for t in range(0, 80, 40):   # wraps the ring
+            mem.add(keys[:, t:t + 40], values[:, t:t + 40])
+        mem.clear([1])
+        mem.add(keys[:, :5], values[:, :5])
+        return mem
+
+    keys, values, q = rand(rng, 2, 80, 2, 8), rand(rng, 2, 80, 2, 3), rand(rng, 2, 9, 2, 8)
+    serial = filled(1).search(q, 20)
+    monkeypatch.setattr(host, "GATHER_PART_BYTES", 1)   # every search splits into num_threads parts
+    parallel = filled(3).search(q, 20)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    assert not parallel.keys[~parallel.mask].any() and not parallel.values[~parallel.mask].any()
+    b, t, h, j = np.nonzero(parallel.mask)
+    assert (b == 1).any() and (~parallel.mask).any()

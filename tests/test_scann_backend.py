@@ -75,8 +75,9 @@ def test_index_pads_nan_with_minus_one(rng):
     from kvmemory.backends.scann import ScannSegmentIndex
     index = ScannSegmentIndex("ip", D, 100, memory(100).backend.library_build)
     index.add(clustered(rng, 3))
-    ids = index.batch_query(clustered(rng, 2), 10)
-    assert ids.shape == (2, 10) and np.all(ids[:, 3:] == -1) and sorted(ids[0, :3]) == [0, 1, 2]
+    ids, scores = index.batch_query(clustered(rng, 2), 10)
+    assert ids.shape == scores.shape == (2, 10) and np.all(ids[:, 3:] == -1) and sorted(ids[0, :3]) == [0, 1, 2]
+    assert np.isfinite(scores[:, :3]).all() and np.isneginf(scores[:, 3:]).all()
 
 
 def test_fifo_churn(rng):

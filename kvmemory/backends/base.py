@@ -38,9 +38,10 @@ turns any accepted array into it):
 ``add(keys [B,T,H,Dk], values [B,T,H,Dv])``
     append T entries to every row (all heads); each row keeps its last
     ``capacity`` entries, older ones are evicted and must never be returned.
-``search(queries [B,T,H,Dk], k) -> SearchResult``
+``search(queries [B,T,H,Dk], k, with_entries) -> SearchResult``
     the top-k live entries of each query's (row, head), best first; slots
-    beyond what a row holds are masked (ids -1, zeros elsewhere).
+    beyond what a row holds are masked (ids -1, zeros elsewhere); keys and
+    values None if ``with_entries`` is False.
 ``clear(mask [B] bool)``
     forget every entry of the masked rows; their ids restart at 0. ``mask``
     is what ``rows_mask`` made of the caller's ``rows`` (a numpy bool array
@@ -121,7 +122,7 @@ class Backend:
     def add(self, keys, values) -> None:
         raise NotImplementedError(f"backend {self.name!r} does not implement add")
 
-    def search(self, queries, k: int):
+    def search(self, queries, k: int, with_entries: bool = True):
         raise NotImplementedError(f"backend {self.name!r} does not implement search")
 
     def clear(self, mask: np.ndarray) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics import column_transform
+from ..metrics import column_transform, scores_from_ranked
 from ..validation import check_int_option
 from .host import HostBackend
 from .topk import blocked_topk
@@ -26,7 +26,7 @@ class ExactBackend(HostBackend):
         super().__init__(config, **options)
         self.options["block_bytes"] = check_int_option("block_bytes", self.options["block_bytes"], maximum=1 << 40)
 
-    def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def _candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         B, T, H, D = queries.shape
         C = self.config.capacity
         ring = self.ring
@@ -37,7 +37,8 @@ class ExactBackend(HostBackend):
         sq = ring.sqnorms.reshape(B * H, C)[:, :n] if ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
         n_valid = np.repeat(sizes, H)
-        slots = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
-                             self.map, self.num_threads)
+        slots, ranked = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
+                                     self.map, self.num_threads)
         slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
-        return self.slots_to_ids(slots)
+        ranked = ranked.reshape(slots.shape[0], H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
+        return self.slots_to_ids(slots), scores_from_ranked(self.config.metric, ranked, queries)

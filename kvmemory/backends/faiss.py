@@ -196,8 +196,13 @@ class FaissSegmentIndex(SegmentIndex):
     def batch_query(self, queries, k):
         if self.gpu:
             with self.lock:
-                return self.index.search(queries, k)[1]
-        return _one_thread(lambda: self.index.search(queries, k, params=self.params)[1])
+                dist, ids = self.index.search(queries, k)
+        else:
+            dist, ids = _one_thread(lambda: self.index.search(queries, k, params=self.params))
+        # flat storage (the named kinds) scores exactly; factory strings may compress (PQ, SQ, ...)
+        if self.build["index"] not in KINDS:
+            return ids, None
+        return ids, (-dist if self.metric == "l2" else dist)
 
     def serialize(self):
         head = np.array([self.state, self.count, self.removed], np.int64).tobytes()

@@ -25,6 +25,7 @@ import tempfile
 import hnswlib
 import numpy as np
 
+from ..metrics import scores_from_ranked
 from ..validation import check_int_option
 from .segment_index import SegmentIndex
 from .segmented import SegmentedBackend
@@ -113,16 +114,19 @@ class HnswSegmentIndex(SegmentIndex):
         self.index.set_ef(ef)
 
     def batch_query(self, queries, k):
-        """Local positions [t, k] int64 of the top-k of queries [t, dim] (one hnswlib thread)."""
+        """Local positions [t, k] int64 of the top-k of queries [t, dim] (one hnswlib thread), and scores."""
         if not self.built:
             return self._brute(queries, k)
         try:
-            labels, _ = self.index.knn_query(queries, k=k, num_threads=1)
+            labels, dist = self.index.knn_query(queries, k=k, num_threads=1)
         except RuntimeError:
             # fewer than k live items reachable from the entry point (degenerate graphs,
             # e.g. many duplicate keys): search this segment exactly instead
             return self._brute(queries, k)
-        return labels.astype(np.int64)
+        if self.metric == "l2":
+            return labels.astype(np.int64), -dist
+        # space "ip" reports 1 - q.(k - c); q.k adds back q.c
+        return labels.astype(np.int64), 1 - dist + (queries @ self.centre)[:, None]
 
     def _brute(self, queries, k):
         pos = np.arange(self.removed, self.count)
@@ -136,7 +140,12 @@ class HnswSegmentIndex(SegmentIndex):
         if self.metric == "l2":
             s = 2 * s - np.einsum("nd,nd->n", keys, keys)
         top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return pos[top].astype(np.int64)
+        s = np.take_along_axis(s, top, 1)
+        if self.metric == "l2":
+            s = scores_from_ranked("l2", s, queries)
+        elif self.built:
+            s = s + (queries @ self.centre)[:, None]
+        return pos[top].astype(np.int64), s.astype(np.float32)
 
     def serialize(self):
         """Header (magic, dim, count, removed, built) + centre [dim] float32 + body; no pickle.

@@ -1,10 +1,12 @@
 """HostBackend: numpy ring storage plus the pipeline from candidate ids to results.
 
-A host backend only has to propose candidate ids per query
-(``_candidate_ids``); this class drops any that are not live (evicted,
-cleared, out of range), gathers their stored keys and values, scores them
-exactly, sorts best first, and masks what is missing. Whatever an index
-returns, no evicted or cleared entry can reach the caller.
+A host backend only has to propose candidate ids per query, with their
+scores if it knows them exactly (``_candidates``); this class drops any
+that are not live (evicted, cleared, out of range), scores the rest exactly
+from the stored keys unless scores came with them, keeps the k best, sorts
+them best first, masks what is missing and gathers the stored keys and
+values. Whatever an index returns, no evicted or cleared entry can reach
+the caller.
 
 Index hooks a subclass may override:
 
@@ -29,6 +31,8 @@ from ..result import SearchResult
 from ..validation import check_int_option
 from .base import Backend
 from .ring import Ring
+
+GATHER_PART_BYTES = 1 << 20   # a search gathering fewer bytes of keys and values runs the gather on one thread
 
 
 class HostBackend(Backend):
@@ -61,8 +65,9 @@ class HostBackend(Backend):
     def counts(self) -> np.ndarray:
         return self.ring.counts.copy()
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        return self.finish(queries, self._candidate_ids(queries, k), k)
+    def search(self, queries: np.ndarray, k: int, with_entries: bool = True) -> SearchResult:
+        ids, scores = self._candidates(queries, k)
+        return self.finish(queries, ids, k, scores, with_entries)
 
     def state_dict(self) -> dict:
         state = dict(self.ring.state_dict())
@@ -74,8 +79,13 @@ class HostBackend(Backend):
         self._index_load({k[len("index/"):]: v for k, v in state.items() if k.startswith("index/")})
 
     # -- what subclasses provide -------------------------------------------------------
-    def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Candidate stream ids [B, T, H, m] (any m, -1 for none, no duplicates)."""
+    def _candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Candidate stream ids [B, T, H, m] (any m, -1 for none, no duplicates) and their scores.
+
+        Scores [B, T, H, m] float32 are the metric's exact scores of those ids
+        (as ``metrics.score_candidates`` defines them, up to float rounding),
+        or None to have ``finish`` compute them from the stored keys.
+        """
         raise NotImplementedError
 
     def _index_add(self, start: np.ndarray, stop: np.ndarray) -> None:
@@ -97,16 +107,22 @@ class HostBackend(Backend):
         lo = self.ring.live_start().reshape((-1,) + (1,) * (slots.ndim - 1))
         return np.where(slots >= 0, lo + (slots - lo) % C, -1)
 
-    def finish(self, queries: np.ndarray, ids: np.ndarray, k: int) -> SearchResult:
-        """Turn candidate ids [B,T,H,m] into the top-k SearchResult (live entries only, exact scores)."""
+    def finish(self, queries: np.ndarray, ids: np.ndarray, k: int, scores: np.ndarray | None = None,
+               with_entries: bool = True) -> SearchResult:
+        """Turn candidates (see ``_candidates``) into the top-k SearchResult (live entries only, exact scores).
+
+        ``with_entries=False`` leaves keys and values None (nothing is gathered).
+        """
         B, T, H, _ = queries.shape
         ring = self.ring
         counts = ring.counts[:, None, None, None]
         lo = ring.live_start()[:, None, None, None]
-        ids = np.where((ids >= lo) & (ids < counts), ids, -1)
-        sq = ring.take(ring.sqnorms, ids) if ring.sqnorms is not None else None
-        scores = score_candidates(self.config.metric, queries, ring.take(ring.keys, ids), sq)
-        scores = np.where(ids >= 0, scores.astype(np.float32), -np.inf)
+        live = (ids >= lo) & (ids < counts)
+        ids = np.where(live, ids, -1)
+        if scores is None:
+            sq = ring.take(ring.sqnorms, ids) if ring.sqnorms is not None else None
+            scores = score_candidates(self.config.metric, queries, ring.take(ring.keys, ids), sq)
+        scores = np.where(live, scores.astype(np.float32, copy=False), -np.inf)
         m = ids.shape[-1]
         if m > k:  # keep the k best, then sort only those
             top = np.argpartition(scores, m - k, axis=-1)[..., m - k:]
@@ -117,10 +133,11 @@ class HostBackend(Backend):
             ids = np.concatenate([ids, np.full((B, T, H, k - m), -1, np.int64)], -1)
             scores = np.concatenate([scores, np.zeros((B, T, H, k - m), np.float32)], -1)
         mask = ids >= 0
-        keys, values = ring.take(ring.keys, ids), ring.take(ring.values, ids)
-        empty = ~mask
-        keys[empty] = 0
-        values[empty] = 0
-        scores[empty] = 0
+        scores[~mask] = 0
+        keys = values = None
+        if with_entries:
+            # big gathers are split over the pool: numpy releases the GIL while it copies
+            parts = min(self.num_threads, max(1, ids.size * ring.row_bytes // GATHER_PART_BYTES))
+            keys, values = ring.gather(ids, self.map, parts)
         return SearchResult(keys=keys, values=values, scores=scores, ids=ids.astype(np.int64, copy=False),
                             mask=mask)

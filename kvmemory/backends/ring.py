@@ -70,16 +70,46 @@ class Ring:
     def clear(self, mask: np.ndarray) -> None:
         self.counts[mask] = 0
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one entry's key and value."""
+        return 4 * (self.config.key_dim + self.config.value_dim)
+
+    def _flat(self, ids: np.ndarray) -> np.ndarray:
+        """Positions in ``store.reshape(B * H * C, ...)`` of ids [B, T, H, m]; ids of -1 give slot 0."""
+        B, _, H, _ = ids.shape
+        C = self.capacity
+        rows = (np.arange(B)[:, None, None, None] * H + np.arange(H)[None, None, :, None]) * C
+        return rows + np.where(ids >= 0, ids % C, 0)     # one index array: far faster than three
+
     def take(self, store: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """``store`` [B, H, C, ...] (keys, values or sqnorms) at ids [B, T, H, m] -> [B, T, H, m, ...].
 
         Ids of -1 read slot 0: the caller masks them.
         """
-        B, _, H, _ = ids.shape
-        C = self.capacity
-        rows = (np.arange(B)[:, None, None, None] * H + np.arange(H)[None, None, :, None]) * C
-        flat = rows + np.where(ids >= 0, ids % C, 0)     # one index array: far faster than three
-        return np.take(store.reshape(B * H * C, *store.shape[3:]), flat, axis=0)
+        return np.take(store.reshape(-1, *store.shape[3:]), self._flat(ids), axis=0)
+
+    def gather(self, ids: np.ndarray, mapper=None, parts: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Keys [B, T, H, m, Dk] and values [B, T, H, m, Dv] at ids [B, T, H, m]; zeros where ids is -1.
+
+        ``mapper(fn, items)`` (e.g. ``HostBackend.map``) runs ``parts`` slices of the copy.
+        """
+        flat, empty = self._flat(ids).reshape(-1), (ids < 0).reshape(-1)
+        dk, dv = self.config.key_dim, self.config.value_dim
+        stores = (self.keys.reshape(-1, dk), self.values.reshape(-1, dv))
+        # one allocation for both: malloc then reuses it search after search instead of
+        # handing two fresh mappings back and forth (page faults cost as much as the copy)
+        buf = np.empty(flat.size * (dk + dv), np.float32)
+        outs = (buf[:flat.size * dk].reshape(-1, dk), buf[flat.size * dk:].reshape(-1, dv))
+
+        def copy(part: slice) -> None:
+            for store, out in zip(stores, outs):
+                np.take(store, flat[part], axis=0, out=out[part], mode="clip")   # "raise" would buffer
+                out[part][empty[part]] = 0
+
+        bounds = np.linspace(0, flat.size, max(parts, 1) + 1).astype(int)
+        (mapper or _serial)(copy, [slice(a, e) for a, e in zip(bounds[:-1], bounds[1:])])
+        return tuple(out.reshape(*ids.shape, out.shape[1]) for out in outs)
 
     def state_dict(self) -> dict:
         state = {"keys": self.keys, "values": self.values, "counts": self.counts}
@@ -104,3 +134,7 @@ class Ring:
         self.counts[...] = state["counts"]
         if self.sqnorms is not None:
             self.sqnorms[...] = state["sqnorms"]
+
+
+def _serial(fn, items: list) -> list:
+    return [fn(x) for x in items]

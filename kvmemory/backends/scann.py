@@ -122,9 +122,12 @@ class ScannSegmentIndex(SegmentIndex):
         ids = ids.astype(np.int64)
         # ScaNN pads with id 0 and NaN distance when it finds fewer than k
         ids = np.where(np.isfinite(dist) & (ids < self.n), ids, -1)
+        # brute force and the exact reordering stage score in float32: squared l2 distances or dot products
+        scores = np.where(ids >= 0, -dist if self.metric == "l2" else dist, -np.inf)
         if ids.shape[1] < k:
-            ids = np.concatenate([ids, np.full((len(ids), k - ids.shape[1]), -1, np.int64)], 1)
-        return ids[:, :k]
+            pad = ((0, 0), (0, k - ids.shape[1]))
+            ids, scores = np.pad(ids, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
+        return ids[:, :k], scores[:, :k]
 
     # -- persistence ------------------------------------------------------------------
     def serialize(self) -> bytes:

@@ -36,9 +36,14 @@ class SegmentIndex:
     def set_query_arguments(self, **search) -> None:
         """Search-time parameters (ef, nprobe, ...); called before the first query and on every change."""
 
-    def batch_query(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Local positions [t, k] int64 of the approximate top-k of queries [t, dim]; -1 pads.
+    def batch_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Local positions [t, k] int64 of the approximate top-k of queries [t, dim] (-1 pads), and scores.
 
+        Scores [t, k] float32 are the exact scores of the returned keys, higher
+        closer (q.k for "ip", -|q - k|^2 for "l2"; anything at -1), when the
+        index knows them (flat storage, exact reordering); else None, and the
+        caller re-scores from the stored keys. They are checked against the
+        stored keys by the test suite, so never return approximate ones.
         ``k`` never exceeds the number of entries the index holds (net of removals).
         Must use one library thread: the caller parallelises across indices.
         """

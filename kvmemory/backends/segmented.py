@@ -20,7 +20,8 @@ each with one index per head:
 * clearing a row drops all its segments.
 
 Every candidate then goes through ``HostBackend.finish``: non-live ids are
-dropped, the rest re-scored exactly from the stored keys. Searches of the
+dropped; unless every index searched returned exact scores, the rest are
+re-scored exactly from the stored keys. Searches of the
 (row, head, segment) indices run on the backend's thread pool
 (``HostBackend.map``), one library thread each.
 """
@@ -33,11 +34,15 @@ import warnings
 
 import numpy as np
 
-from ..metrics import column_transform, unit
+from ..metrics import column_transform, scores_from_ranked, unit
 from ..validation import check_int_option
 from .host import HostBackend
 from .segment_index import SegmentIndex
 from .topk import blocked_topk
+
+
+SPLIT = 4         # query chunks per thread when a search has few (row, head, segment) indices
+MIN_CHUNK = 32    # fewest queries per chunk
 
 
 @dataclasses.dataclass
@@ -168,7 +173,8 @@ class SegmentedBackend(HostBackend):
                     plan.append((b, h, seg, how, kq, a, e))
         return plan
 
-    def _search_exact(self, q: np.ndarray, b: int, h: int, a: int, e: int, k: int) -> np.ndarray:
+    def _search_exact(self, q: np.ndarray, b: int, h: int, a: int, e: int, k: int):
+        """Ids [t, k'] and scores of the exact top-k of queries q [t, D] among row b, head h's ids [a, e)."""
         C = self.config.capacity
         if a % C + (e - a) <= C:      # no wrap: views, not copies
             slots = slice(a % C, a % C + (e - a))
@@ -177,34 +183,43 @@ class SegmentedBackend(HostBackend):
         keys = self.ring.keys[b, h, slots][None]
         sq = self.ring.sqnorms[b, h, slots][None] if self.ring.sqnorms is not None else None
         weight, bias = column_transform(self.config.metric, sq)
-        pos = blocked_topk(q[None], keys, np.array([e - a]), k, weight, bias)[0]
-        return np.where(pos >= 0, pos + a, -1)
+        pos, ranked = blocked_topk(q[None], keys, np.array([e - a]), k, weight, bias)
+        return np.where(pos[0] >= 0, pos[0] + a, -1), scores_from_ranked(self.config.metric, ranked[0], q)
 
     def _search_one(self, task, queries, index_queries):
         b, h, seg, how, kq, a, e, t0, t1 = task
         if how == "exact":
             return self._search_exact(queries[b, t0:t1, h], b, h, a, e, kq)
-        pos = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq)
-        return np.where(pos >= 0, pos + seg.start, -1).astype(np.int64)
+        pos, scores = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq)
+        return np.where(pos >= 0, pos + seg.start, -1).astype(np.int64), scores
 
-    def _candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def _candidates(self, queries: np.ndarray, k: int):
         B, T, H, _ = queries.shape
         plan = self._plan(k)
-        # split queries too when there are fewer (row, head, segment) searches than threads
-        chunks = max(1, min(T, math.ceil(self.num_threads / max(len(plan), 1)))) if T else 1
+        # split queries too when there are few (row, head, segment) searches: several tasks per
+        # thread balance the load when query costs differ (graph searches do)
+        want = math.ceil(SPLIT * self.num_threads / max(len(plan), 1))
+        chunks = max(1, min(want, T // MIN_CHUNK))
         bounds = np.linspace(0, T, chunks + 1).astype(int)
         tasks = [p + (int(t0), int(t1)) for p in plan for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
         index_queries = unit(queries) if self.config.metric == "cosine" else queries
         results = self.map(lambda t: self._search_one(t, queries, index_queries), tasks)
-        groups = {}
-        for task, ids in zip(tasks, results):
-            groups.setdefault((task[0], task[1], task[7]), []).append(ids)
-        merged = {key: np.concatenate(parts, axis=1) for key, parts in groups.items()}
-        m = max((ids.shape[1] for ids in merged.values()), default=0)
+        exact_scores = all(scores is not None for _, scores in results)
+        groups = {}    # (b, h, t0) -> [(ids, scores) of each segment searched]
+        for task, found in zip(tasks, results):
+            groups.setdefault((task[0], task[1], task[7]), []).append(found)
+        m = max((sum(ids.shape[1] for ids, _ in found) for found in groups.values()), default=0)
         out = np.full((B, T, H, m), -1, np.int64)
-        for (b, h, t0), ids in merged.items():
-            out[b, t0:t0 + ids.shape[0], h, :ids.shape[1]] = ids
-        return out
+        out_scores = np.full((B, T, H, m), -np.inf, np.float32) if exact_scores else None
+        for (b, h, t0), found in groups.items():
+            col = 0
+            for ids, scores in found:
+                t, w = ids.shape
+                out[b, t0:t0 + t, h, col:col + w] = ids
+                if exact_scores:
+                    out_scores[b, t0:t0 + t, h, col:col + w] = scores
+                col += w
+        return out, out_scores
 
     # -- persistence -----------------------------------------------------------------
     def _index_state(self) -> dict:

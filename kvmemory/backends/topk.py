@@ -55,8 +55,8 @@ def _block_topk(scores: np.ndarray, k: int):
     return _select(cand, k, cols)
 
 
-def _topk_rows(queries, keys, n_valid, kk, weight, bias, block_bytes, out):
-    """blocked_topk for one block of indices; writes out [G, T, kk]."""
+def _topk_rows(queries, keys, n_valid, kk, weight, bias, block_bytes, out, out_scores):
+    """blocked_topk for one block of indices; writes out and out_scores [G, T, kk]."""
     G, T, _ = queries.shape
     n_max = int(n_valid.max())
     kk = min(kk, n_max)
@@ -82,10 +82,11 @@ def _topk_rows(queries, keys, n_valid, kk, weight, bias, block_bytes, out):
                                        np.concatenate([best_i, top_i], -1))
             best_s, best_i = top_s, top_i
         out[:, t0:t0 + tq, :kk] = np.where(np.isneginf(best_s), -1, best_i).reshape(G, tq, kk)
+        out_scores[:, t0:t0 + tq, :kk] = best_s.reshape(G, tq, kk)
 
 
 def blocked_topk(queries, keys, n_valid, k, weight=None, bias=None, block_bytes=64 << 20, mapper=None, threads=1):
-    """Exact top-k key indices for every query.
+    """Exact top-k key indices for every query, and their ranked scores.
 
     queries  [G, T, D] float32
     keys     [G, N, D] float32, of which the first ``n_valid[g]`` rows count
@@ -95,15 +96,18 @@ def blocked_topk(queries, keys, n_valid, k, weight=None, bias=None, block_bytes=
     block_bytes: most bytes of float32 scores per thread at once
     mapper, threads: ``mapper(fn, items)`` runs blocks on ``threads`` threads (e.g. HostBackend.map);
              used only for searches of at least PARALLEL_MIN_SCORES scores
-    returns  indices [G, T, min(k, max n_valid)] int64 into N, unsorted, -1
-             where a query has fewer valid keys than k.
+    returns  (indices, ranked): indices [G, T, min(k, max n_valid)] int64 into N,
+             unsorted, -1 where a query has fewer valid keys than k; ranked [G, T, ...]
+             float32, the ranked score of each (-inf at -1), which
+             ``metrics.scores_from_ranked`` turns into the metric's score.
     """
     G, T, _ = queries.shape
     n_valid = np.asarray(n_valid)
     kk = min(k, int(np.max(n_valid, initial=0)))
     out = np.full((G, T, kk), -1, np.int64)
+    out_scores = np.full((G, T, kk), -np.inf, np.float32)
     if kk == 0 or T == 0:
-        return out
+        return out, out_scores
     # as few indices per block as keep MIN_BLOCK_COLS columns within budget: wide blocks select fastest
     parallel = mapper is not None and threads > 1 and G * T * int(n_valid.max()) >= PARALLEL_MIN_SCORES
     per_block = max(1, min(G, block_bytes // max(T * MIN_BLOCK_COLS * 4, 1)))
@@ -113,14 +117,13 @@ def blocked_topk(queries, keys, n_valid, k, weight=None, bias=None, block_bytes=
     blocks = [b for b in blocks if n_valid[b].max() > 0]
 
     def run(b):
-        sub = out[b]
         _topk_rows(queries[b], keys[b], n_valid[b], kk,
                    weight[b] if weight is not None and np.ndim(weight) else weight,
-                   bias[b] if bias is not None else None, block_bytes, sub)
+                   bias[b] if bias is not None else None, block_bytes, out[b], out_scores[b])
 
     if parallel:
         mapper(run, blocks)
     else:
         for b in blocks:
             run(b)
-    return out
+    return out, out_scores
