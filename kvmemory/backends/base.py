@@ -13,9 +13,10 @@ owns everything else:
 * **the index**, if it has one, and how eviction and clearing reach it.
   Host backends (numpy storage) subclass :class:`kvmemory.backends.host.HostBackend`,
   which owns the ring and turns candidate ids from an index into finished,
-  exactly re-scored, live-only results: an index then only has to propose ids.
-  Device backends (``backend="torch"``) implement the whole interface on
-  their own tensors.
+  exactly scored, live-only results: an index then only has to propose ids
+  (and their scores, if it computed them exactly). Device backends
+  (``backend="torch"``, ``backend="jax"``) implement the whole interface on
+  their own arrays.
 
 A backend class declares:
 
