@@ -240,8 +240,8 @@ def test_load_rejects_counts_that_do_not_fit(state, count, removed):
     from kvmemory.backends.faiss import FaissSegmentIndex
     index, build = _segment_index("flat")
     index.add(np.ones((5, 8), np.float32))
-    body = index.serialize()[24:] if state == 0 else bytes(4 * 8 * max(count, 0)) if state == 1 else b""
-    with pytest.raises(ValueError, match="saved faiss"):
+    body = index.serialize()[40:] if state == 0 else bytes(4 * 8 * max(count, 0)) if state == 1 else b""
+    with pytest.raises(ValueError, match="saved faiss"):                # a version 1 header (no magic)
         FaissSegmentIndex.deserialize(np.array([state, count, removed], np.int64).tobytes() + body,
                                       "ip", 8, 400, build)
 
@@ -316,3 +316,79 @@ def test_cuda_without_gpu_support_raises():
         Memory(8, capacity=64, backend="faiss", device="cuda")
     assert Memory(8, capacity=64, backend="faiss").backend.device == "cpu"
     assert isinstance(Memory(8, capacity=64, backend="faiss").backend, FaissBackend)
+
+
+def offset_clustered(n, dim, rng, scale=10.0):
+    """Clustered keys [n, dim] all shifted by one random offset of norm ~scale sqrt(dim): a strong common direction."""
+    return clustered(n, dim, rng) + scale * rng.standard_normal(dim).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_hnsw_centres_keys_sharing_a_direction(metric, monkeypatch):
+    from kvmemory.backends import faiss as backend
+    C, D = 4096, 32
+
+    def run():
+        rng = np.random.default_rng(9)
+        keys = offset_clustered(int(1.75 * C), D, rng)[None, :, None]
+        queries = clustered(256, D, rng)[None, :, None]
+        m = Memory(D, capacity=C, metric=metric, backend="faiss", index="hnsw", exact_below=0)
+        e = Memory(D, capacity=C, metric=metric)
+        fill([m, e], keys)
+        assert all(s.indexes[0].ready() for s in m.backend.segments[0])     # the graphs are searched
+        r = m.search(queries, K)
+        return m, keys, queries, r, recall(r, e.search(queries, K))
+
+    m, keys, queries, r, centred = run()
+    assert centred >= 0.9
+    assert all(s.indexes[0].centre is not None for s in m.backend.segments[0])
+    check_live(r, m, keys)
+    q = queries / np.linalg.norm(queries, axis=-1, keepdims=True) if metric == "cosine" else queries
+    k = r.keys / np.linalg.norm(r.keys, axis=-1, keepdims=True) if metric == "cosine" else r.keys
+    np.testing.assert_allclose(r.scores, np.einsum("bthd,bthkd->bthk", q, k), rtol=1e-5, atol=1e-4)
+    if metric == "ip":                      # the same graphs over the raw keys lose most of the top-k
+        monkeypatch.setattr(backend, "centres", lambda metric, build: False)
+        assert run()[-1] < 0.75
+
+
+def test_hnsw_centre_save_load(tmp_path):
+    from kvmemory.backends.faiss import FaissSegmentIndex, make_index
+    rng = np.random.default_rng(10)
+    keys, queries = offset_clustered(1000, 8, rng), clustered(20, 8, rng)
+    index, build = _segment_index("hnsw", span=1000)
+    index.add(keys[:300])
+    assert not index.ready() and index.centre is None               # buffering the first min(span, 512)
+    loaded = FaissSegmentIndex.deserialize(index.serialize(), "ip", 8, 1000, build)
+    for part in (keys[300:600], keys[600:]):                       # the centre: the 600 keys buffered at 512
+        loaded.add(part)
+        index.add(part)
+    assert index.ready() and loaded.ready()
+    np.testing.assert_array_equal(index.centre, keys[:600].mean(0, dtype=np.float64).astype(np.float32))
+    np.testing.assert_array_equal(loaded.centre, index.centre)
+    data = index.serialize()
+    loaded = FaissSegmentIndex.deserialize(data, "ip", 8, 1000, build)
+    np.testing.assert_array_equal(loaded.centre, index.centre)
+    for a, b in zip(index.batch_query(queries, K), loaded.batch_query(queries, K)):
+        np.testing.assert_array_equal(a, b)
+    ids, scores = loaded.batch_query(queries, K)
+    np.testing.assert_allclose(scores, np.einsum("td,tkd->tk", queries, keys[ids]), rtol=1e-5, atol=1e-4)
+
+    header = 40                                                         # magic, state, count, removed, centred
+    bad_centre = data[:header] + np.full(8, np.nan, "<f4").tobytes() + data[header + 32:]
+    uncentred = data[:32] + bytes(8) + data[header + 32:]              # centred=0 for a trained hnsw ip index
+    for bad, match in [(bad_centre, "non-finite centre"), (uncentred, "centred=0, expected 1"),
+                       (data[:header + 16], "truncated")]:
+        with pytest.raises(ValueError, match=match):
+            FaissSegmentIndex.deserialize(bad, "ip", 8, 1000, build)
+    with pytest.raises(ValueError, match="centred=1, expected 0"):    # l2 and flat/ivf are never centred
+        FaissSegmentIndex.deserialize(data, "l2", 8, 1000, build)
+    assert FaissSegmentIndex("l2", 8, 1000, build).ready()
+
+    # version 1 (no magic, no centre): a trained hnsw index loads uncentred, with exact scores
+    old = make_index("ip", 8, build)
+    old.add(keys)
+    v1 = np.array([0, 1000, 0], np.int64).tobytes() + faiss.serialize_index(old).tobytes()
+    loaded = FaissSegmentIndex.deserialize(v1, "ip", 8, 1000, build)
+    assert loaded.ready() and loaded.centre is None
+    ids, scores = loaded.batch_query(queries, K)
+    np.testing.assert_allclose(scores, np.einsum("td,tkd->tk", queries, keys[ids]), rtol=1e-5, atol=1e-4)

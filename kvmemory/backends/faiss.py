@@ -4,12 +4,15 @@ Each (row, head, segment) gets its own faiss index over at most
 ``segment_size`` keys (see :mod:`kvmemory.backends.segmented`). Evicted
 entries are never physically removed: flat and IVF indices exclude them at
 search time with an ``IDSelectorRange`` (O(1) per eviction), the others are
-over-fetched and filtered by the segmented layer.
+over-fetched and filtered by the segmented layer. Index "hnsw" with inner
+product (and cosine) holds centred keys, as the hnsw backend does (see
+:class:`FaissSegmentIndex`).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import threading
 
 import faiss
@@ -23,6 +26,10 @@ KINDS = ("flat", "ivf", "hnsw")
 DEVICES = ("auto", "cpu", "cuda")
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _TRAINED, _PENDING, _FAILED = 0, 1, 2     # serialized state of a segment index
+_MAGIC = b"KVFAIS2\0"
+_HEADER = struct.Struct("<8sqqqq")         # magic, state, count, removed, centred (then centre [dim] <f4 if 1)
+_HEADER_V1 = struct.Struct("<qqq")         # version 1: state, count, removed; never centred
+CENTRE_SAMPLE = 512                       # keys averaged into the centre of a "hnsw" "ip" segment
 _gpu = {}                                 # lazily made StandardGpuResources and the lock serialising its use
 _gpu_init_lock = threading.Lock()         # guards the lazy creation of _gpu
 
@@ -88,6 +95,36 @@ def _check_plain_add(index, name) -> None:
             index = None
 
 
+def centres(metric: str, build: dict) -> bool:
+    """True if a segment index stores centred keys (see :class:`FaissSegmentIndex`): "hnsw" with "ip"."""
+    return metric == "ip" and build["index"] == "hnsw"
+
+
+def _read_header(data: bytes, metric: str, dim: int, build: dict):
+    """(state, count, removed, centre [dim] float32 or None, body) of a serialized segment index.
+
+    Also reads version 1 (no magic, never centred): a trained "hnsw" "ip"
+    index from it stays uncentred (exact scores, lower recall).
+    """
+    header = _HEADER if data.startswith(_MAGIC) else _HEADER_V1
+    if len(data) < header.size:
+        raise ValueError(f"saved faiss segment index is truncated ({len(data)} bytes)")
+    if header is _HEADER_V1:
+        return (*_HEADER_V1.unpack_from(data), None, data[header.size:])
+    _, state, count, removed, centred = _HEADER.unpack_from(data)
+    expected = int(state == _TRAINED and centres(metric, build))
+    if centred != expected:
+        raise ValueError(f"saved faiss segment index has centred={centred}, expected {expected} "
+                         f"for index {build['index']!r}, metric {metric!r}, state {state}")
+    end = header.size + 4 * dim * centred
+    if len(data) < end:
+        raise ValueError(f"saved faiss segment index is truncated ({len(data)} bytes)")
+    centre = np.frombuffer(data, "<f4", dim, header.size).astype(np.float32) if centred else None
+    if centred and not np.isfinite(centre).all():
+        raise ValueError("saved faiss segment index has a non-finite centre")
+    return state, count, removed, centre, data[end:]
+
+
 def _one_thread(fn, *args):
     """fn(*args) with one OpenMP thread; the setting is per calling thread, so other threads are unaffected."""
     prev = faiss.omp_get_max_threads()
@@ -99,7 +136,22 @@ def _one_thread(fn, *args):
 
 
 class FaissSegmentIndex(SegmentIndex):
-    """One faiss index over one segment; keys are buffered until a trainable index is trained."""
+    """One faiss index over one segment; keys are buffered until a trainable index is trained.
+
+    index="hnsw" with metric "ip" (cosine arrives as "ip" over unit vectors)
+    stores centred keys ``k - c``, for the reason given (and measured) in
+    :class:`kvmemory.backends.hnsw.HnswSegmentIndex`: inner-product HNSW
+    graphs navigate badly when keys share a strong common direction, and
+    ``q.(k - c) = q.k - q.c`` ranks exactly like ``q.k``. Keys are buffered
+    like an untrained index's (``ready()`` is False meanwhile, so the segment
+    is searched exactly) until min(span, ``CENTRE_SAMPLE``) are in; ``c`` [dim]
+    is the mean of the buffered keys (including all of the add that crossed
+    that count), then the centred keys are added. Searches return exact scores
+    ``q.(k - c) + q.c``. On MiniLM attention keys (capacity 65536, two
+    segments of 32768) this took recall@32 at the default ef_search 64 from
+    0.80 to 0.99. Factory strings ("HNSW32,Flat") and metric "l2" (translation
+    invariant) are not centred.
+    """
 
     def __init__(self, metric, dim, span, build, index=None):
         super().__init__(metric, dim, span, build)
@@ -107,12 +159,15 @@ class FaissSegmentIndex(SegmentIndex):
         self.gpu = build.get("device") == "cuda"
         self.removes = build["index"] in ("flat", "ivf") and not self.gpu
         self.count = self.removed = 0
-        self.state = _TRAINED if self.index.is_trained else _PENDING
-        self.pending = []                  # keys [n, dim] awaiting training
+        self.centres = centres(metric, build)
+        self.centre = None                 # [dim] float32 subtracted from every key added; None: no centring
+        self.state = _TRAINED if self.index.is_trained and not self.centres else _PENDING
+        self.pending = []                  # keys [n, dim] awaiting training (or the centre)
         # IVF trains once it holds 39 keys per list (faiss' recommended minimum) or a full segment, other
         # trainable indices on a full segment. With the default nlist that is 39 * (span // 39) ~ a full
         # segment for span <= 24336, else 156 sqrt(span) keys (86% of a 32768 segment, 61% of 65536).
-        self.train_at = min(span, 39 * build["nlist"]) if build["index"] == "ivf" else span
+        self.train_at = (min(span, 39 * build["nlist"]) if build["index"] == "ivf"
+                         else min(span, CENTRE_SAMPLE) if self.centres else span)
         self.params = self.sel = self.lock = None    # lock: the GPU lock, set by _to_gpu
         self.search_args = {}
         if self.gpu and self.state == _TRAINED:
@@ -133,6 +188,7 @@ class FaissSegmentIndex(SegmentIndex):
                 self._train()
 
     def _train(self):
+        """Train on the buffered keys [n, dim] (and fix the centre from them), then add them."""
         keys, self.pending = np.concatenate(self.pending), []
         try:
             _one_thread(self.index.train, keys)
@@ -140,6 +196,8 @@ class FaissSegmentIndex(SegmentIndex):
             self.state, self.index = _FAILED, None
             return
         self.state = _TRAINED
+        if self.centres:
+            self.centre = keys.mean(0, dtype=np.float64).astype(np.float32)
         if self.gpu:
             self._to_gpu()
         self._add(keys)
@@ -147,6 +205,8 @@ class FaissSegmentIndex(SegmentIndex):
 
     def _add(self, keys):
         # nothing is ever physically removed, so faiss' sequential ids are our local positions
+        if self.centre is not None:
+            keys = keys - self.centre
         if self.gpu:
             with self.lock:
                 self.index.add(keys)
@@ -202,10 +262,19 @@ class FaissSegmentIndex(SegmentIndex):
         # flat storage (the named kinds) scores exactly; factory strings may compress (PQ, SQ, ...)
         if self.build["index"] not in KINDS:
             return ids, None
+        if self.centre is not None:        # the index holds k - c: q.k = q.(k - c) + q.c
+            dist = dist + queries @ self.centre[:, None]
         return ids, (-dist if self.metric == "l2" else dist)
 
     def serialize(self):
-        head = np.array([self.state, self.count, self.removed], np.int64).tobytes()
+        """Header (magic, state, count, removed, centred) + centre [dim] <f4 if centred + body.
+
+        The body is faiss' own serialization once trained, else the buffered keys [count, dim] float32.
+        """
+        centred = self.centre is not None
+        head = _HEADER.pack(_MAGIC, self.state, self.count, self.removed, int(centred))
+        if centred:
+            head += self.centre.astype("<f4").tobytes()
         if self.state == _TRAINED:
             if self.gpu:
                 with self.lock:
@@ -221,10 +290,8 @@ class FaissSegmentIndex(SegmentIndex):
 
     @classmethod
     def deserialize(cls, data, metric, dim, span, build):
-        if len(data) < 24:
-            raise ValueError(f"saved faiss segment index is truncated ({len(data)} bytes)")
-        state, count, removed = np.frombuffer(data[:24], np.int64).tolist()
-        body, index = data[24:], None
+        state, count, removed, centre, body = _read_header(data, metric, dim, build)
+        index = None
         if not 0 <= removed <= count <= span:
             raise ValueError(f"saved faiss segment index has {count} keys, {removed} removed, "
                              f"which does not fit a segment of {span}")
@@ -249,7 +316,7 @@ class FaissSegmentIndex(SegmentIndex):
         else:
             raise ValueError(f"saved faiss segment index has unknown state {state}")
         self = cls(metric, dim, span, build, index)
-        self.count, self.removed, self.state = count, removed, state
+        self.count, self.removed, self.state, self.centre = count, removed, state, centre
         if state == _PENDING:
             self.pending = [np.frombuffer(body, np.float32).reshape(count, dim).copy()] if count else []
         elif state == _FAILED:
@@ -281,6 +348,12 @@ class FaissBackend(SegmentedBackend):
             for most of its filling.
             Evicted entries are hidden by an id selector for "flat" and "ivf"
             on CPU; other indices are over-fetched and filtered.
+            "hnsw" with metric "ip" or "cosine" buffers each segment's first
+            min(segment_size, 512) keys (searched exactly meanwhile), then
+            stores keys minus their mean: same ranking, far better graph
+            navigation on keys sharing a common direction (MiniLM attention
+            keys, capacity 65536: recall@32 at ef_search 64 0.80 -> 0.99; see
+            :class:`FaissSegmentIndex`).
         nlist: IVF lists per segment, for index="ivf" (default
             ``default_nlist(segment_size)``: ~4 sqrt(segment_size), >= 39 keys per list).
         M: HNSW links per node, for index="hnsw" (default 32, >= 2).
