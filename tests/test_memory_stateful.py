@@ -14,8 +14,16 @@ from reference import ReferenceMemory
 DIM = 4
 
 
+# besides every installed backend at its defaults: faiss' centred HNSW graphs, and a factory
+# string (its scores are not trusted, so results are re-scored from the ring)
+VARIANTS = [(name, {}) for name in installed_backends()] + [
+    ("faiss", options) for options in ({"index": "hnsw"}, {"index": "HNSW8,Flat"})
+    if "faiss" in installed_backends()]
+
+
 class MemoryMachine(RuleBasedStateMachine):
     backend = "exact"
+    extra_options = {}
     tmp_path = None
 
     @initialize(
@@ -26,7 +34,7 @@ class MemoryMachine(RuleBasedStateMachine):
         self.batch, self.heads = batch, heads
         self.mem = kvmemory.Memory(
             key_dim=DIM, value_dim=value_dim, capacity=capacity, num_heads=heads, batch_size=batch,
-            backend=self.backend, metric=metric, **backend_options(self.backend, capacity),
+            backend=self.backend, metric=metric, **backend_options(self.backend, capacity), **self.extra_options,
         )
         self.ref = ReferenceMemory(batch, capacity, metric)
         self.rng = np.random.default_rng(0)
@@ -75,9 +83,10 @@ class MemoryMachine(RuleBasedStateMachine):
             np.testing.assert_array_equal(to_numpy(self.mem.size), self.ref.size())
 
 
-@pytest.mark.parametrize("backend", installed_backends())
-def test_random_operation_sequences(backend, tmp_path):
-    machine = type(f"{backend}Machine", (MemoryMachine,), {"backend": backend, "tmp_path": tmp_path})
+@pytest.mark.parametrize("backend,options", VARIANTS, ids=[f"{b}{o or ''}" for b, o in VARIANTS])
+def test_random_operation_sequences(backend, options, tmp_path):
+    machine = type(f"{backend}Machine", (MemoryMachine,),
+                   {"backend": backend, "extra_options": options, "tmp_path": tmp_path})
     run_state_machine_as_test(
         machine,
         settings=settings(max_examples=60, stateful_step_count=25, deadline=None,
