@@ -7,3 +7,4 @@ register_backend("faiss", "kvmemory.backends.faiss:FaissBackend", requires=("fai
 register_backend("scann", "kvmemory.backends.scann:ScannBackend", requires=("scann",), extra="scann")
 register_backend("hnsw", "kvmemory.backends.hnsw:HnswBackend", requires=("hnswlib",), extra="hnsw")
 register_backend("torch", "kvmemory_torch.backend:TorchBackend", requires=("torch", "kvmemory_torch"), extra="torch")
+register_backend("jax", "kvmemory_jax.backend:JaxBackend", requires=("jax", "kvmemory_jax"), extra="jax")
