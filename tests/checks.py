@@ -1,5 +1,8 @@
 """Assertions every backend's search results must satisfy, against the reference model."""
 
+import json
+import zipfile
+
 import numpy as np
 
 from reference import true_scores
@@ -53,3 +56,51 @@ def check_result(res, ref, queries, k, exact, atol=1e-4):
                     _, all_scores = ref.scores(b, h, queries[b, t, h])
                     best = np.sort(all_scores)[::-1][:n]
                     np.testing.assert_allclose(got_scores, best, rtol=1e-4, atol=atol)
+
+
+def assert_matches_exact(exact, res_exact, got, tol=1e-5):
+    """``got`` (keys, values, scores, ids, mask as numpy) is the exact backend's top-k: masks, scores,
+    ids (ties aside), and each id's stored entry from ``exact``'s ring."""
+    keys, values, scores, ids, mask = got
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and mask.dtype == bool
+    np.testing.assert_array_equal(mask, res_exact.mask)
+    np.testing.assert_allclose(scores, res_exact.scores, rtol=tol, atol=tol)
+    differ = ids != res_exact.ids
+    if differ.any():  # only where the exact list holds another entry with (nearly) the same score
+        s = res_exact.scores
+        tied = (np.abs(s[..., :, None] - s[..., None, :]) <= tol).sum(-1) > 1
+        assert tied[differ].all(), f"ids differ without a tie at {np.argwhere(differ & ~tied)[:5]}"
+    ring = exact.backend.ring
+    b = np.arange(ids.shape[0])[:, None, None, None]
+    h = np.arange(ids.shape[2])[None, None, :, None]
+    slot = np.where(mask, ids % exact.capacity, 0)
+    np.testing.assert_array_equal(keys, np.where(mask[..., None], ring.keys[b, h, slot], 0))
+    np.testing.assert_array_equal(values, np.where(mask[..., None], ring.values[b, h, slot], 0))
+    assert not keys[~mask].any() and not values[~mask].any() and not scores[~mask].any()
+    assert (ids[~mask] == -1).all()
+
+
+def replay_against_exact(exact, mem, steps, make_entries, make_queries, to_backend, check):
+    """Run steps [("add", T) | ("clear", rows) | ("search", k)] on ``exact`` and ``mem`` alike.
+
+    Entries and queries are numpy (from ``make_entries(T)`` / ``make_queries()``), passed to ``mem``
+    through ``to_backend``; every search calls ``check(res_exact, res_mem)``; sizes must agree throughout.
+    """
+    for op, arg in steps:
+        if op == "add":
+            k, v = make_entries(arg)
+            exact.add(k, v)
+            mem.add(to_backend(k), to_backend(v))
+        elif op == "clear":
+            exact.clear(arg)
+            mem.clear(arg)
+        else:
+            q = make_queries()
+            check(exact.search(q, arg), mem.search(to_backend(q), arg))
+        np.testing.assert_array_equal(to_numpy(mem.size), exact.size)
+
+
+def saved_header(path) -> dict:
+    """The JSON header of a file written by ``Memory.save``."""
+    with zipfile.ZipFile(path) as z:
+        return json.loads(np.load(z.open("__kvmemory__.npy")).tobytes())

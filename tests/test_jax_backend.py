@@ -1,8 +1,5 @@
 """backend="jax" against backend="exact": ring semantics, tiled search, persistence and input checks."""
 
-import json
-import zipfile
-
 import numpy as np
 import pytest
 
@@ -11,6 +8,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import kvmemory  # noqa: E402
+from checks import assert_matches_exact, replay_against_exact, saved_header  # noqa: E402
 import kvmemory.backends.base  # noqa: E402
 from kvmemory_jax import JaxBackend, ring  # noqa: E402
 
@@ -40,22 +38,7 @@ def queries(rng):
 def assert_matches(exact, res_exact, res_jax, tol=1e-5):
     """Same top-k as the exact backend: masks, scores, ids (ties aside), and each id's stored entry."""
     assert all(isinstance(x, jax.Array) for x in res_jax)
-    keys, values, scores, ids, mask = (np.asarray(x) for x in res_jax)
-    assert scores.dtype == np.float32 and ids.dtype == np.int64 and mask.dtype == bool
-    np.testing.assert_array_equal(mask, res_exact.mask)
-    np.testing.assert_allclose(scores, res_exact.scores, rtol=tol, atol=tol)
-    differ = ids != res_exact.ids
-    if differ.any():  # only where the exact list holds another entry with (nearly) the same score
-        s = res_exact.scores
-        tied = (np.abs(s[..., :, None] - s[..., None, :]) <= tol).sum(-1) > 1
-        assert tied[differ].all(), f"ids differ without a tie at {np.argwhere(differ & ~tied)[:5]}"
-    ring_ = exact.backend.ring
-    b = np.arange(B)[:, None, None, None]
-    h = np.arange(H)[None, None, :, None]
-    slot = np.where(mask, ids % exact.capacity, 0)
-    np.testing.assert_array_equal(keys, np.where(mask[..., None], ring_.keys[b, h, slot], 0))
-    np.testing.assert_array_equal(values, np.where(mask[..., None], ring_.values[b, h, slot], 0))
-    assert not scores[~mask].any() and (ids[~mask] == -1).all()
+    assert_matches_exact(exact, res_exact, tuple(np.asarray(x) for x in res_jax), tol)
 
 
 @pytest.mark.parametrize("metric, tiling", [(metric, tiling) for metric in kvmemory.METRICS for tiling in (None, "cols")]
@@ -66,18 +49,8 @@ def test_matches_exact_through_fifo_clears_and_large_k(metric, tiling):
     steps = [("add", 5), ("search", 3), ("search", 9), ("add", 20), ("search", 9), ("add", 20),  # wraps
              ("search", 40), ("clear", [1]), ("search", 9), ("add", 70), ("search", 9),          # 70 > C
              ("clear", [0, 2]), ("add", 5), ("search", 9), ("search", 40)]
-    for op, arg in steps:
-        if op == "add":
-            k, v = entries(rng, arg)
-            exact.add(k, v)
-            mem.add(jnp.asarray(k), jnp.asarray(v))
-        elif op == "clear":
-            exact.clear(arg)
-            mem.clear(arg)
-        else:
-            q = queries(rng)
-            assert_matches(exact, exact.search(q, arg), mem.search(jnp.asarray(q), arg))
-        np.testing.assert_array_equal(mem.size, exact.size)
+    replay_against_exact(exact, mem, steps, lambda T: entries(rng, T), lambda: queries(rng), jnp.asarray,
+                         lambda res_exact, res: assert_matches(exact, res_exact, res))
     assert mem.backend.counts().dtype == np.int64
 
 
@@ -195,9 +168,7 @@ def test_save_load_round_trip_and_exchange_with_exact(tmp_path):
     exact.clear([2])
     path = tmp_path / "mem.kvm"
     mem.save(path)
-    with zipfile.ZipFile(path) as z:
-        header = json.loads(np.load(z.open("__kvmemory__.npy")).tobytes())
-    assert header["options"] == {"device": "cpu:0", "score_dtype": "bfloat16", "block_bytes": 4096,
+    assert saved_header(path)["options"] == {"device": "cpu:0", "score_dtype": "bfloat16", "block_bytes": 4096,
                                  "check_finite": True, "rescore_factor": 3}
     loaded = kvmemory.Memory.load(path, device="cpu")
     assert loaded.backend_name == "jax" and loaded.options == mem.options

@@ -1,14 +1,12 @@
 """backend="torch" against backend="exact", its ring semantics, persistence and input checks."""
 
-import json
-import zipfile
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import kvmemory  # noqa: E402
+from checks import assert_matches_exact, replay_against_exact, saved_header  # noqa: E402
 from kvmemory_torch import TorchBackend  # noqa: E402
 
 B, H, C, DK, DV = 3, 2, 32, 16, 5
@@ -35,24 +33,7 @@ def assert_matches(exact: kvmemory.Memory, res_exact, res_torch, tol=1e-5):
         assert isinstance(getattr(res_torch, name), torch.Tensor), name
     assert res_torch.scores.dtype == torch.float32 and res_torch.ids.dtype == torch.int64
     assert res_torch.mask.dtype == torch.bool
-    keys, values, scores, ids, mask = (t.numpy() for t in res_torch)
-    np.testing.assert_array_equal(mask, res_exact.mask)
-    np.testing.assert_allclose(scores, res_exact.scores, rtol=tol, atol=tol)
-    differ = ids != res_exact.ids
-    if differ.any():  # only where the exact list holds another entry with (nearly) the same score
-        s = res_exact.scores
-        near = np.abs(s[..., :, None] - s[..., None, :]) <= tol
-        tied = near.sum(-1) > 1
-        assert tied[differ].all(), f"ids differ without a tie at {np.argwhere(differ & ~tied)[:5]}"
-    # every returned slot carries its id's stored key and value
-    ring = exact.backend.ring
-    b = np.arange(B)[:, None, None, None]
-    h = np.arange(H)[None, None, :, None]
-    slot = np.where(mask, ids % exact.capacity, 0)
-    np.testing.assert_array_equal(keys, np.where(mask[..., None], ring.keys[b, h, slot], 0))
-    np.testing.assert_array_equal(values, np.where(mask[..., None], ring.values[b, h, slot], 0))
-    assert not keys[~mask].any() and not values[~mask].any() and not scores[~mask].any()
-    assert (ids[~mask] == -1).all()
+    assert_matches_exact(exact, res_exact, tuple(t.numpy() for t in res_torch), tol)
 
 
 @pytest.mark.parametrize("score_dtype", ["float32", "bfloat16"])
@@ -63,18 +44,9 @@ def test_matches_exact_through_fifo_clears_and_large_k(metric, score_dtype):
     steps = [("add", 5), ("search", 3), ("search", 9), ("add", 20), ("search", 4), ("add", 11),
              ("search", 4), ("search", 40), ("clear", [1]), ("search", 4), ("add", 70), ("search", 6),
              ("clear", [0, 2]), ("add", 3), ("search", 8), ("add", C), ("search", 4)]
-    for op, arg in steps:
-        if op == "add":
-            k, v = entries(rng, arg)
-            exact.add(k, v)
-            mem.add(torch.from_numpy(k), torch.from_numpy(v))
-        elif op == "clear":
-            exact.clear(arg)
-            mem.clear(arg)
-        else:
-            q = rng.standard_normal((B, 4, H, DK)).astype(np.float32)
-            assert_matches(exact, exact.search(q, arg), mem.search(torch.from_numpy(q), arg))
-        np.testing.assert_array_equal(mem.size, exact.size)
+    replay_against_exact(exact, mem, steps, lambda T: entries(rng, T),
+                         lambda: rng.standard_normal((B, 4, H, DK)).astype(np.float32), torch.from_numpy,
+                         lambda res_exact, res: assert_matches(exact, res_exact, res))
 
 
 def test_low_precision_without_rescore_would_differ():
@@ -185,9 +157,7 @@ def test_save_load_round_trip(tmp_path):
     mem.clear([2])
     path = tmp_path / "mem.kvm"
     mem.save(path)
-    with zipfile.ZipFile(path) as z:
-        header = json.loads(np.load(z.open("__kvmemory__.npy")).tobytes())
-    assert header["options"] == {"device": "cpu", "score_dtype": "bfloat16", "block_bytes": 4096,
+    assert saved_header(path)["options"] == {"device": "cpu", "score_dtype": "bfloat16", "block_bytes": 4096,
                                  "check_finite": True, "rescore_factor": 3}
     loaded = kvmemory.Memory.load(path, device="cpu")
     assert loaded.backend_name == "torch" and loaded.options == mem.options
