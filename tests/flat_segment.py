@@ -15,6 +15,8 @@ class FlatSegmentIndex(SegmentIndex):
         self.removed = 0
         self.removes = bool(build.get("removes", False))
         self.fail_at = build.get("fail_at")
+        self.parallel = bool(build.get("parallel", False))
+        self.threads_seen = []
 
     def add(self, keys):
         assert keys.shape[1] == self.dim and len(self.keys) + len(keys) <= self.span
@@ -25,7 +27,9 @@ class FlatSegmentIndex(SegmentIndex):
     def remove_below(self, position):
         self.removed = max(self.removed, position)
 
-    def batch_query(self, queries, k):
+    def batch_query(self, queries, k, threads=1):
+        assert threads == 1 or self.parallel, threads
+        self.threads_seen.append((len(queries), threads))
         held = len(self.keys) - (self.removed if self.removes else 0)
         assert 1 <= k <= held, (k, held)
         s = queries @ self.keys.T
@@ -51,4 +55,4 @@ class FlatSegmentIndex(SegmentIndex):
 class FlatSegmentedBackend(SegmentedBackend):
     name = "test-segmented"
     segment_index = FlatSegmentIndex
-    build_options = {**SegmentedBackend.build_options, "removes": False, "fail_at": None}
+    build_options = {**SegmentedBackend.build_options, "removes": False, "fail_at": None, "parallel": False}

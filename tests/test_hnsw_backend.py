@@ -32,7 +32,7 @@ def index_calls(monkeypatch):
     calls = []
     real = HnswSegmentIndex.batch_query
     monkeypatch.setattr(HnswSegmentIndex, "batch_query",
-                        lambda self, q, k: calls.append(len(q)) or real(self, q, k))
+                        lambda self, q, k, threads=1: calls.append(len(q)) or real(self, q, k, threads))
     return calls
 
 

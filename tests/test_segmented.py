@@ -92,3 +92,23 @@ def test_numpy_int_num_threads_is_saved_as_an_int(tmp_path):
         assert type(mem.options["num_threads"]) is int
         mem.save(tmp_path / backend)
         assert kvmemory.Memory.load(tmp_path / backend).options["num_threads"] == 2
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_query_chunks_and_threaded_calls_fill_the_right_slots(parallel):
+    """Fewer searches than threads: a parallel index gets all queries in one threaded call, the
+    exact (newest, small) segment is split into chunks; every piece must land in its own rows and columns."""
+    rng = np.random.default_rng(5)
+    mem = kvmemory.Memory(key_dim=D, value_dim=3, capacity=400, num_heads=1, batch_size=1,
+                          backend="test-segmented", segment_size=300, exact_below=200, num_threads=4,
+                          parallel=parallel)
+    ref = ReferenceMemory(1, 400, "ip")
+    keys = rng.standard_normal((1, 350, 1, D)).astype(np.float32)
+    values = rng.standard_normal((1, 350, 1, 3)).astype(np.float32)
+    mem.add(keys, values)
+    ref.add(keys, values)
+    queries = rng.standard_normal((1, 128, 1, D)).astype(np.float32)
+    check_result(mem.search(queries, k=20), ref, queries, 20, exact=True)
+    sealed = mem.backend.segments[0][0].indexes[0]
+    # two searches (one indexed segment, one exact), four threads
+    assert sealed.threads_seen == ([(128, 2)] if parallel else [(32, 1)] * 4)

@@ -125,10 +125,10 @@ def _read_header(data: bytes, metric: str, dim: int, build: dict):
     return state, count, removed, centre, data[end:]
 
 
-def _one_thread(fn, *args):
-    """fn(*args) with one OpenMP thread; the setting is per calling thread, so other threads are unaffected."""
+def _omp(fn, *args, threads: int = 1):
+    """fn(*args) with ``threads`` OpenMP threads; the setting is per calling thread, so other threads are unaffected."""
     prev = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(threads)
     try:
         return fn(*args)
     finally:
@@ -158,6 +158,7 @@ class FaissSegmentIndex(SegmentIndex):
         self.index = make_index(metric, dim, build) if index is None else index
         self.gpu = build.get("device") == "cuda"
         self.removes = build["index"] in ("flat", "ivf") and not self.gpu
+        self.parallel = not self.gpu       # a GPU index is searched under its lock anyway
         self.count = self.removed = 0
         self.centres = centres(metric, build)
         self.centre = None                 # [dim] float32 subtracted from every key added; None: no centring
@@ -191,7 +192,7 @@ class FaissSegmentIndex(SegmentIndex):
         """Train on the buffered keys [n, dim] (and fix the centre from them), then add them."""
         keys, self.pending = np.concatenate(self.pending), []
         try:
-            _one_thread(self.index.train, keys)
+            _omp(self.index.train, keys)
         except RuntimeError:               # too few keys for nlist / the codebooks: stay exact
             self.state, self.index = _FAILED, None
             return
@@ -211,7 +212,7 @@ class FaissSegmentIndex(SegmentIndex):
             with self.lock:
                 self.index.add(keys)
         else:
-            _one_thread(self.index.add, keys)
+            _omp(self.index.add, keys)
 
     def ready(self):
         return self.state == _TRAINED
@@ -253,12 +254,12 @@ class FaissSegmentIndex(SegmentIndex):
         else:
             self.params = faiss.SearchParameters(sel=self.sel) if self.sel is not None else None
 
-    def batch_query(self, queries, k):
+    def batch_query(self, queries, k, threads=1):
         if self.gpu:
             with self.lock:
                 dist, ids = self.index.search(queries, k)
         else:
-            dist, ids = _one_thread(lambda: self.index.search(queries, k, params=self.params))
+            dist, ids = _omp(lambda: self.index.search(queries, k, params=self.params), threads=threads)
         # flat storage (the named kinds) scores exactly; factory strings may compress (PQ, SQ, ...)
         if self.build["index"] not in KINDS:
             return ids, None

@@ -60,6 +60,7 @@ class HnswSegmentIndex(SegmentIndex):
     """
 
     removes = True
+    parallel = True
     #: keys buffered to estimate the centre before an "ip" graph is built
     centre_sample = 512
 
@@ -113,12 +114,12 @@ class HnswSegmentIndex(SegmentIndex):
         # hnswlib searches with max(ef, k) candidates, so ef < k is safe
         self.index.set_ef(ef)
 
-    def batch_query(self, queries, k):
-        """Local positions [t, k] int64 of the top-k of queries [t, dim] (one hnswlib thread), and scores."""
+    def batch_query(self, queries, k, threads=1):
+        """Local positions [t, k] int64 of the top-k of queries [t, dim] (``threads`` hnswlib threads), and scores."""
         if not self.built:
             return self._brute(queries, k)
         try:
-            labels, dist = self.index.knn_query(queries, k=k, num_threads=1)
+            labels, dist = self.index.knn_query(queries, k=k, num_threads=threads)
         except RuntimeError:
             # fewer than k live items reachable from the entry point (degenerate graphs,
             # e.g. many duplicate keys): search this segment exactly instead

@@ -51,6 +51,7 @@ class ScannSegmentIndex(SegmentIndex):
     """One segment of one (row, head): a ScaNN searcher over local positions 0..n-1."""
 
     removes = False
+    parallel = True
 
     def __init__(self, metric, dim, span, build):
         super().__init__(metric, dim, span, build)
@@ -59,12 +60,14 @@ class ScannSegmentIndex(SegmentIndex):
         self.built = 0          # entries covered by the last tree build (0: brute force)
         self.leaves = 0         # leaves of that tree
         self.searcher = None
+        self.threads = 1        # size of the searcher's thread pool (it starts with none)
         self.search = {}
 
     # -- building ---------------------------------------------------------------
     def _create(self, config: str, keys: np.ndarray):
         searcher = _sop.create_searcher(keys, config, 1)
         searcher.set_num_threads(1)
+        self.threads = 1
         return searcher
 
     def _build(self) -> None:
@@ -109,16 +112,22 @@ class ScannSegmentIndex(SegmentIndex):
     def set_query_arguments(self, **search) -> None:
         self.search = search
 
-    def batch_query(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def batch_query(self, queries: np.ndarray, k: int, threads: int = 1):
+        reorder = leaves = None
         if self.built:
             L, reorder = self.leaves, max(k, self.search["reorder"])
             # the same fraction of leaves as a full segment, and enough to hold ~8 * reorder entries on average
             leaves = max(math.ceil(self.search["num_leaves_to_search"] * L / self.build["num_leaves"]),
                          math.ceil(SCAN_PER_REORDER * reorder * L / self.n))
             leaves = min(L, leaves)
-            ids, dist = self.searcher.search_batched(queries, k, reorder, leaves)
+        if threads > 1:
+            # only searches with fewer indices than threads get here, so few searchers ever hold a pool
+            if threads != self.threads:
+                self.searcher.set_num_threads(threads)
+                self.threads = threads
+            ids, dist = self.searcher.search_batched_parallel(queries, k, reorder, leaves)
         else:
-            ids, dist = self.searcher.search_batched(queries, k)
+            ids, dist = self.searcher.search_batched(queries, k, reorder, leaves)
         ids = ids.astype(np.int64)
         # ScaNN pads with id 0 and NaN distance when it finds fewer than k
         ids = np.where(np.isfinite(dist) & (ids < self.n), ids, -1)

@@ -16,6 +16,8 @@ import numpy as np
 class SegmentIndex:
     #: True if ``remove_below`` really removes entries from the search (then no over-fetch is needed)
     removes = False
+    #: True if ``batch_query`` can spread one call over several library threads (``threads``)
+    parallel = False
 
     def __init__(self, metric: str, dim: int, span: int, build: dict):
         """metric "ip"|"l2"; dim: key size; span: most entries this index will get; build: build options."""
@@ -36,7 +38,7 @@ class SegmentIndex:
     def set_query_arguments(self, **search) -> None:
         """Search-time parameters (ef, nprobe, ...); called before the first query and on every change."""
 
-    def batch_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def batch_query(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
         """Local positions [t, k] int64 of the approximate top-k of queries [t, dim] (-1 pads), and scores.
 
         Scores [t, k] float32 are the exact scores of the returned keys, higher
@@ -45,7 +47,9 @@ class SegmentIndex:
         caller re-scores from the stored keys. They are checked against the
         stored keys by the test suite, so never return approximate ones.
         ``k`` never exceeds the number of entries the index holds (net of removals).
-        Must use one library thread: the caller parallelises across indices.
+        Must use at most ``threads`` library threads: the caller parallelises across
+        indices (and query chunks), and passes ``threads`` > 1 only to a ``parallel``
+        index when a search has fewer indices than it has threads.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement batch_query")
 

@@ -41,7 +41,7 @@ from .segment_index import SegmentIndex
 from .topk import blocked_topk
 
 
-SPLIT = 4         # query chunks per thread when a search has few (row, head, segment) indices
+SPLIT = 2         # query chunks per thread when a search has few (row, head, segment) indices
 MIN_CHUNK = 32    # fewest queries per chunk
 
 
@@ -187,38 +187,57 @@ class SegmentedBackend(HostBackend):
         return np.where(pos[0] >= 0, pos[0] + a, -1), scores_from_ranked(self.config.metric, ranked[0], q)
 
     def _search_one(self, task, queries, index_queries):
-        b, h, seg, how, kq, a, e, t0, t1 = task
+        b, h, seg, how, kq, a, e, t0, t1, threads = task
         if how == "exact":
             return self._search_exact(queries[b, t0:t1, h], b, h, a, e, kq)
-        pos, scores = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq)
+        pos, scores = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq, threads)
         return np.where(pos >= 0, pos + seg.start, -1).astype(np.int64), scores
+
+    def _tasks(self, plan: list, T: int) -> list:
+        """Plan entries with (t0, t1, threads): which queries each search takes, and its library threads.
+
+        With fewer searches than threads, an index that can use several threads
+        (``SegmentIndex.parallel``) gets the spare ones for all queries in one call,
+        as the library itself would run it; other searches split the queries into
+        chunks, several per thread to balance the load (graph searches cost unevenly).
+        """
+        threads = self.num_threads
+        spare = threads // len(plan) if 0 < len(plan) < threads else 1
+        chunks = max(1, min(math.ceil(SPLIT * threads / max(len(plan), 1)), T // MIN_CHUNK))
+        bounds = np.linspace(0, T, chunks + 1).astype(int).tolist()
+        tasks = []
+        for p in plan:
+            b, h, seg, how = p[:4]
+            if spare > 1 and how == "index" and seg.indexes[h].parallel:
+                tasks.append(p + (0, T, spare))
+            else:
+                tasks.extend(p + (t0, t1, 1) for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0)
+        return tasks
 
     def _candidates(self, queries: np.ndarray, k: int):
         B, T, H, _ = queries.shape
-        plan = self._plan(k)
-        # split queries too when there are few (row, head, segment) searches: several tasks per
-        # thread balance the load when query costs differ (graph searches do)
-        want = math.ceil(SPLIT * self.num_threads / max(len(plan), 1))
-        chunks = max(1, min(want, T // MIN_CHUNK))
-        bounds = np.linspace(0, T, chunks + 1).astype(int)
-        tasks = [p + (int(t0), int(t1)) for p in plan for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
+        tasks = self._tasks(self._plan(k), T)
         index_queries = unit(queries) if self.config.metric == "cosine" else queries
         results = self.map(lambda t: self._search_one(t, queries, index_queries), tasks)
         exact_scores = all(scores is not None for _, scores in results)
-        groups = {}    # (b, h, t0) -> [(ids, scores) of each segment searched]
-        for task, found in zip(tasks, results):
-            groups.setdefault((task[0], task[1], task[7]), []).append(found)
-        m = max((sum(ids.shape[1] for ids, _ in found) for found in groups.values()), default=0)
+        # each (row, head, segment) gets its own block of columns; its query chunks fill its rows
+        width = {}
+        for task, (ids, _) in zip(tasks, results):
+            key = (task[0], task[1], id(task[2]))
+            width[key] = max(width.get(key, 0), ids.shape[1])
+        start, used = {}, {}
+        for (b, h, seg), w in width.items():
+            start[b, h, seg] = used.get((b, h), 0)
+            used[b, h] = start[b, h, seg] + w
+        m = max(used.values(), default=0)
         out = np.full((B, T, H, m), -1, np.int64)
         out_scores = np.full((B, T, H, m), -np.inf, np.float32) if exact_scores else None
-        for (b, h, t0), found in groups.items():
-            col = 0
-            for ids, scores in found:
-                t, w = ids.shape
-                out[b, t0:t0 + t, h, col:col + w] = ids
-                if exact_scores:
-                    out_scores[b, t0:t0 + t, h, col:col + w] = scores
-                col += w
+        for task, (ids, scores) in zip(tasks, results):
+            b, h, seg, t0, t1 = task[0], task[1], task[2], task[7], task[8]
+            cols = slice(start[b, h, id(seg)], start[b, h, id(seg)] + ids.shape[1])
+            out[b, t0:t1, h, cols] = ids
+            if exact_scores:
+                out_scores[b, t0:t1, h, cols] = scores
         return out, out_scores
 
     # -- persistence -----------------------------------------------------------------
