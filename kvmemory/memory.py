@@ -95,10 +95,12 @@ class Memory:
         cheaper, since nothing is gathered.
         """
         k = check_k(k)
-        if not isinstance(with_entries, bool):
+        if not isinstance(with_entries, (bool, np.bool_)):
             raise TypeError(f"with_entries must be a bool, got {type(with_entries).__name__} {with_entries!r}")
         queries = self._check(queries, "queries", "key_dim", self.key_dim)
-        return self.backend.search(queries, k, with_entries)
+        if with_entries:     # as backends written before with_entries existed are called
+            return self.backend.search(queries, k)
+        return self.backend.search(queries, k, with_entries=False)
 
     def clear(self, rows=None) -> None:
         """Forget every entry of ``rows`` (an int, ints, or a bool mask [batch]); all rows if None."""

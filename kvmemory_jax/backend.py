@@ -167,9 +167,10 @@ class JaxBackend(Backend):
             mask = jax.device_put(np.asarray(mask, dtype=bool), self.device)
         self.state = self.state._replace(counts=ring.clear(self.state.counts, mask))
 
+    @_x64
     def counts_array(self) -> jax.Array:
         """[B] int64 on ``device``: entries added per row since its last clear (no host sync)."""
-        return self.state.counts
+        return jnp.copy(self.state.counts)   # the state's own buffer is donated by the next add or clear
 
     def counts(self) -> np.ndarray:
         return np.array(jax.device_get(self.state.counts), dtype=np.int64)

@@ -56,3 +56,20 @@ class FlatSegmentedBackend(SegmentedBackend):
     name = "test-segmented"
     segment_index = FlatSegmentIndex
     build_options = {**SegmentedBackend.build_options, "removes": False, "fail_at": None, "parallel": False}
+
+
+class LegacyFlatSegmentIndex(FlatSegmentIndex):
+    """A SegmentIndex as written before batch_query took ``threads`` and returned scores."""
+
+    def batch_query(self, queries, k):
+        return super().batch_query(queries, k)[0]
+
+
+class LegacySegmentedBackend(FlatSegmentedBackend):
+    """Its index is legacy, and so is its search (no ``with_entries``)."""
+
+    name = "test-legacy"
+    segment_index = LegacyFlatSegmentIndex
+
+    def search(self, queries, k):
+        return super().search(queries, k)

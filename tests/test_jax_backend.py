@@ -247,3 +247,15 @@ def test_check_finite_off_skips_the_check():
     mem = kvmemory.Memory(DK, backend="jax", check_finite=False)
     mem.search(jnp.full((1, 1, 1, DK), jnp.nan), 2)  # accepted: the caller vouches for its inputs
     assert JaxBackend.build_options["check_finite"] is True
+
+
+def test_counts_array_survives_later_adds_and_clears():
+    """The ring's own counts buffer is donated by add and clear: counts_array must hand out a copy."""
+    rng = np.random.default_rng(9)
+    _, mem = pair("ip")
+    mem.add(*entries(rng, 3))
+    counts = mem.backend.counts_array()
+    mem.add(*entries(rng, 2))
+    mem.clear([0])
+    assert np.asarray(counts).tolist() == [3] * B and counts.dtype == jnp.int64
+    assert mem.size.tolist() == [0] + [5] * (B - 1)

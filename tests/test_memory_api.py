@@ -206,6 +206,7 @@ def test_search_without_entries_matches_full_search(backend, rng):
     q = rand(rng, 2, 6, 2, 8)
     full, lean = mem.search(q, 12), mem.search(q, 12, with_entries=False)
     assert lean.keys is None and lean.values is None
+    assert mem.search(q, 12, with_entries=np.False_).keys is None     # numpy bools are bools
     for a, b in ((full.ids, lean.ids), (full.scores, lean.scores), (full.mask, lean.mask)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.asarray(lean.mask)[1].sum(-1).max() == 7
@@ -232,3 +233,18 @@ def test_parallel_gather_equals_serial(rng, monkeypatch):
     assert not parallel.keys[~parallel.mask].any() and not parallel.values[~parallel.mask].any()
     b, t, h, j = np.nonzero(parallel.mask)
     assert (b == 1).any() and (~parallel.mask).any()
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_zero_query_tokens_on_every_backend(backend, rng):
+    """Also with more threads than indices (each index would be handed the spare threads)."""
+    options = backend_options(backend, 300)
+    if "num_threads" in options:     # segmented: one segment, four threads
+        options.update(num_threads=4, segment_size=300)
+    mem = kvmemory.Memory(key_dim=8, capacity=300, num_heads=1, backend=backend, **options)
+    x = rand(rng, 1, 300, 1, 8)
+    mem.add(x, x)
+    for with_entries in (True, False):
+        res = mem.search(np.zeros((1, 0, 1, 8), np.float32), k=5, with_entries=with_entries)
+        assert res.ids.shape == res.mask.shape == (1, 0, 1, 5)
+        assert (res.keys is None) == (not with_entries)

@@ -112,3 +112,17 @@ def test_query_chunks_and_threaded_calls_fill_the_right_slots(parallel):
     sealed = mem.backend.segments[0][0].indexes[0]
     # two searches (one indexed segment, one exact), four threads
     assert sealed.threads_seen == ([(128, 2)] if parallel else [(32, 1)] * 4)
+
+
+def test_backends_and_indices_written_to_the_older_interface_still_work(monkeypatch):
+    """A plug-in index returning positions only (no ``threads``), a backend whose search has no ``with_entries``."""
+    from kvmemory.registry import _REGISTRY, BackendEntry
+
+    monkeypatch.setitem(_REGISTRY, "test-legacy", BackendEntry("test-legacy", "flat_segment:LegacySegmentedBackend",
+                                                               (), None))
+    rng = np.random.default_rng(6)
+    mem = kvmemory.Memory(key_dim=D, value_dim=3, capacity=50, num_heads=H, batch_size=B, backend="test-legacy",
+                          segment_size=20, exact_below=0, num_threads=4)
+    drive(mem, ReferenceMemory(B, 50, "ip"), rng)
+    with pytest.raises(TypeError):     # what the older backend cannot do is refused, not silently ignored
+        mem.search(rng.standard_normal((B, 2, H, D)).astype(np.float32), k=3, with_entries=False)

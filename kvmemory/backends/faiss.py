@@ -260,8 +260,9 @@ class FaissSegmentIndex(SegmentIndex):
                 dist, ids = self.index.search(queries, k)
         else:
             dist, ids = _omp(lambda: self.index.search(queries, k, params=self.params), threads=threads)
-        # flat storage (the named kinds) scores exactly; factory strings may compress (PQ, SQ, ...)
-        if self.build["index"] not in KINDS:
+        # flat storage (the named kinds) scores exactly on the CPU; factory strings may compress (PQ, SQ, ...),
+        # and GPU kernels may compute in reduced precision (TF32): those are re-scored from the stored keys
+        if self.build["index"] not in KINDS or self.gpu:
             return ids, None
         if self.centre is not None:        # the index holds k - c: q.k = q.(k - c) + q.c
             dist = dist + queries @ self.centre[:, None]

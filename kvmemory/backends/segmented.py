@@ -23,7 +23,9 @@ Every candidate then goes through ``HostBackend.finish``: non-live ids are
 dropped; unless every index searched returned exact scores, the rest are
 re-scored exactly from the stored keys. Searches of the
 (row, head, segment) indices run on the backend's thread pool
-(``HostBackend.map``), one library thread each.
+(``HostBackend.map``), one library thread each, except that a search with
+fewer indices than threads hands the spare threads to indices that can use
+them (``SegmentIndex.parallel``).
 """
 
 from __future__ import annotations
@@ -190,7 +192,11 @@ class SegmentedBackend(HostBackend):
         b, h, seg, how, kq, a, e, t0, t1, threads = task
         if how == "exact":
             return self._search_exact(queries[b, t0:t1, h], b, h, a, e, kq)
-        pos, scores = seg.indexes[h].batch_query(np.ascontiguousarray(index_queries[b, t0:t1, h]), kq, threads)
+        q = np.ascontiguousarray(index_queries[b, t0:t1, h])
+        index = seg.indexes[h]
+        found = index.batch_query(q, kq, threads) if threads > 1 else index.batch_query(q, kq)
+        # an index written before batch_query returned scores gives positions alone
+        pos, scores = found if isinstance(found, tuple) else (found, None)
         return np.where(pos >= 0, pos + seg.start, -1).astype(np.int64), scores
 
     def _tasks(self, plan: list, T: int) -> list:
@@ -201,6 +207,8 @@ class SegmentedBackend(HostBackend):
         as the library itself would run it; other searches split the queries into
         chunks, several per thread to balance the load (graph searches cost unevenly).
         """
+        if T == 0:
+            return []
         threads = self.num_threads
         spare = threads // len(plan) if 0 < len(plan) < threads else 1
         chunks = max(1, min(math.ceil(SPLIT * threads / max(len(plan), 1)), T // MIN_CHUNK))
