@@ -339,8 +339,6 @@ def mode_overhead(args, adapters):
         calls = {"kvmemory_ids": lambda: mem.search(q4, args.k, with_entries=False), "direct": lambda: search(d.queries),
                  "kvmemory_full": lambda: mem.search(q4, args.k), "direct_gather": direct_gather}
         ours_ids, their_ids = search_ids(mem, d.queries, args.k), search(d.queries)   # also warm-ups
-        for call in calls.values():
-            call()
         times = {name: [] for name in calls}
         names = list(calls)
         for r in range(max(4, 2 * args.repeats)):       # rotating order: machine noise hits all alike

@@ -39,6 +39,5 @@ class ExactBackend(HostBackend):
         n_valid = np.repeat(sizes, H)
         slots, ranked = blocked_topk(q, keys, n_valid, k, weight, bias, self.options["block_bytes"],
                                      self.map, self.num_threads)
-        slots = slots.reshape(B, H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
-        ranked = ranked.reshape(slots.shape[0], H, T, slots.shape[-1]).transpose(0, 2, 1, 3)
+        slots, ranked = (x.reshape(B, H, T, x.shape[-1]).transpose(0, 2, 1, 3) for x in (slots, ranked))
         return self.slots_to_ids(slots), scores_from_ranked(self.config.metric, ranked, queries)
