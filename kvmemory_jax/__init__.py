@@ -20,7 +20,7 @@ eagerly, and ``bridge`` moves jax arrays to and from host backends.
 from .attention import knn_attention, knn_attention_step, memory_attention
 from .backend import JaxBackend
 from .checks import checked
-from .search import search
+from .retrieve import search
 from .state import ID_HORIZON, MemoryState, add, clear, init, size
 from .topk import METHODS
 

@@ -23,7 +23,7 @@ from kvmemory import Memory
 from kvmemory.validation import check_float_array, check_int_option
 
 from . import bridge
-from . import search as search_mod
+from . import retrieve as search_mod
 from . import state as state_mod
 
 

@@ -23,7 +23,7 @@ from kvmemory.backends.base import Backend
 from kvmemory.result import SearchResult
 from kvmemory.validation import FLOAT_DTYPES, check_int_option
 
-from . import search as search_mod
+from . import retrieve as search_mod
 from . import state as state_mod
 from . import topk
 from .state import SCORE_DTYPES

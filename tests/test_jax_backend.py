@@ -11,7 +11,7 @@ import kvmemory  # noqa: E402
 from checks import assert_matches_exact, replay_against_exact, saved_header  # noqa: E402
 import kvmemory.backends.base  # noqa: E402
 from kvmemory_jax import JaxBackend  # noqa: E402
-from kvmemory_jax.search import plan_blocks  # noqa: E402
+from kvmemory_jax.retrieve import plan_blocks  # noqa: E402
 
 B, H, C, DK, DV, TQ = 3, 2, 32, 16, 5, 4   # TQ: query tokens of every search (one compile per k)
 

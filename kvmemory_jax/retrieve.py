@@ -62,14 +62,8 @@ def search(state: MemoryState, queries: jax.Array, k: int, *, method: str = "exa
     queries = check_float_array(queries, "queries", (("batch", state.batch_size), ("tokens", None),
                                                      ("heads", state.num_heads), ("key_dim", state.key_dim)),
                                 checks.FLOAT_DTYPES)
-    if method not in topk.METHODS:
-        raise ValueError(f"method must be one of {topk.METHODS}, got {method!r}")
-    if isinstance(recall_target, bool) or not isinstance(recall_target, (int, float)) or not 0 < recall_target <= 1:
-        raise ValueError(f"recall_target must be a float in (0, 1], got {recall_target!r}")
-    rescore_factor = checks.static_int("rescore_factor", rescore_factor)
-    block_bytes = checks.static_int("block_bytes", block_bytes)
-    if not isinstance(with_entries, bool):
-        raise TypeError(f"with_entries must be a bool, got {type(with_entries).__name__} {with_entries!r}")
+    check_options(method=method, recall_target=recall_target, rescore_factor=rescore_factor,
+                  block_bytes=block_bytes, with_entries=with_entries)
     if check_finite:
         checks.finite(queries=queries)
     B, T, H, _ = queries.shape
@@ -78,6 +72,19 @@ def search(state: MemoryState, queries: jax.Array, k: int, *, method: str = "exa
     cols, rows = plan_blocks(B * H, T, C, m, block_bytes, whole_rows=method != "exact")
     return _search(state, queries, k=k, m=m, cols=cols, rows=rows, method=method,
                    recall_target=float(recall_target), with_entries=with_entries)
+
+
+def check_options(method: str = "exact", recall_target: float = 0.95, rescore_factor: int = 2,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES, with_entries: bool = True) -> None:
+    """Raise ValueError/TypeError naming the first bad search option."""
+    if method not in topk.METHODS:
+        raise ValueError(f"method must be one of {topk.METHODS}, got {method!r}")
+    if isinstance(recall_target, bool) or not isinstance(recall_target, (int, float)) or not 0 < recall_target <= 1:
+        raise ValueError(f"recall_target must be a float in (0, 1], got {recall_target!r}")
+    checks.static_int("rescore_factor", rescore_factor)
+    checks.static_int("block_bytes", block_bytes)
+    if not isinstance(with_entries, bool):
+        raise TypeError(f"with_entries must be a bool, got {type(with_entries).__name__} {with_entries!r}")
 
 
 def plan_blocks(G: int, T: int, C: int, m: int, block_bytes: int, whole_rows: bool = False) -> tuple[int, int]:
