@@ -13,8 +13,10 @@
   returned. A true top-m column is lost only when a better one shares its
   bin; M is the smallest number of bins whose expected recall
   ((M - 1) / M) ** (m - 1) reaches ``recall_target`` (the sizing rule of
-  XLA's approximate top-k). Striding keeps a partly filled ring's live
-  prefix spread over all bins.
+  XLA's approximate top-k), rounded up to a power of two (aligned tiles;
+  recall only rises). Striding keeps a partly filled ring's live prefix
+  spread over all bins. Only the m picked bins look for their best column
+  (an argmax over m, not M, bins).
 
 Every method returns (values, indices), best first; approximate methods
 may put a worse column in place of a better one (a recall loss), never an
@@ -33,11 +35,11 @@ METHODS = ("exact", "approx_max_k", "bins")
 
 
 def num_bins(n: int, m: int, recall_target: float) -> int:
-    """Bins for an expected recall@m of ``recall_target`` over n columns (n itself: exact)."""
+    """Bins (a power of two, or n itself: exact) for an expected recall@m of ``recall_target`` over n columns."""
     if recall_target >= 1 or m <= 1:
         return n if m > 1 else 1
-    bins = math.ceil(1 / (1 - recall_target ** (1 / (m - 1))))
-    return min(n, max(bins, m))
+    bins = max(math.ceil(1 / (1 - recall_target ** (1 / (m - 1)))), m)
+    return min(n, 1 << (bins - 1).bit_length())
 
 
 def select(x: jax.Array, m: int, method: str = "exact", recall_target: float = 0.95):
@@ -62,8 +64,6 @@ def binned_top_k(x: jax.Array, m: int, recall_target: float):
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
     x = x.reshape(*x.shape[:-1], rows, bins)                  # column r * bins + b -> [r, b]
-    best_row = jnp.argmax(x, -2)                              # [..., bins]
-    best = jnp.max(x, -2)
-    values, picked = lax.top_k(best, m)
-    rows_picked = jnp.take_along_axis(best_row, picked, -1)
-    return values, (rows_picked * bins + picked).astype(jnp.int32)
+    values, picked = lax.top_k(jnp.max(x, -2), m)              # the m best bins, by their maxima
+    columns = jnp.take_along_axis(x, jnp.broadcast_to(picked[..., None, :], (*x.shape[:-2], rows, m)), -1)
+    return values, (jnp.argmax(columns, -2) * bins + picked).astype(jnp.int32)
