@@ -17,6 +17,7 @@ wrapper over the same functions; ``knn_attention_step`` drives any ``Memory``
 eagerly, and ``bridge`` moves jax arrays to and from host backends.
 """
 
+from . import sharding
 from .attention import knn_attention, knn_attention_step, memory_attention
 from .backend import JaxBackend
 from .checks import checked
@@ -24,7 +25,7 @@ from .retrieve import search
 from .state import ID_HORIZON, MemoryState, add, clear, init, size
 from .topk import METHODS
 
-__all__ = ["MemoryState", "init", "add", "search", "clear", "size", "ID_HORIZON", "METHODS", "checked",
+__all__ = ["sharding", "MemoryState", "init", "add", "search", "clear", "size", "ID_HORIZON", "METHODS", "checked",
            "memory_attention", "knn_attention", "knn_attention_step", "JaxBackend",
            "KNNAttention", "MemorizingTransformer"]
 
