@@ -23,6 +23,11 @@ from step to step. It runs three ways, each compiled once:
     python examples/train_flax_memory.py                      # scan, one device
     python examples/train_flax_memory.py --devices 4 --mode loop
     python examples/train_flax_memory.py --no-memory          # the same model without memory, for comparison
+
+Measured on 2 shared CPU cores (defaults: 2048 segments of 32 tokens, batch 4, 2 layers of
+dim 64, memory 256 entries per (row, head), k = 32, adam 3e-3; about 10 s): mean loss over the
+last 512 segments 1.67 with memory, 4.16 without (ln 64 = 4.16: a phrase is only predictable
+from its earlier copies, which lie in the memory; a document's first segment never is).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ import time
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=32, help="segments to train on (a multiple of --scan in scan mode)")
+    p.add_argument("--steps", type=int, default=2048, help="segments to train on (a multiple of --scan in scan mode)")
     p.add_argument("--mode", choices=("scan", "loop"), default="scan")
-    p.add_argument("--scan", type=int, default=8, help="segments per scanned call")
+    p.add_argument("--scan", type=int, default=64, help="segments per scanned call")
     p.add_argument("--devices", type=int, default=1, help="shard batch and memory over this many devices")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32, help="tokens per segment")
@@ -46,7 +51,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--capacity", type=int, default=256, help="memory entries per (row, head)")
-    p.add_argument("--k", type=int, default=8, help="neighbours per query")
+    p.add_argument("--k", type=int, default=32, help="neighbours per query")
     p.add_argument("--xl", action="store_true", help="XL cache of one segment on the memory layer")
     p.add_argument("--no-memory", action="store_true", help="update_memory=False: the memory stays empty")
     p.add_argument("--lr", type=float, default=3e-3)
