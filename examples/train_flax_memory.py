@@ -66,7 +66,6 @@ if __name__ == "__main__":  # host devices must be asked for before jax is impor
                                    + f" --xla_force_host_platform_device_count={_args.devices}").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402

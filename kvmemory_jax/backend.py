@@ -13,7 +13,6 @@ modulo 2**31 (see :mod:`kvmemory_jax.state`).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ def concrete(x, name: str = "array"):
 
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
 _add = jax.jit(state_mod._add_impl, donate_argnums=0)
-_clear = jax.jit(state_mod._clear_impl, donate_argnums=0)
+_clear_counters = jax.jit(lambda counters, mask: tuple(jnp.where(mask, 0, c) for c in counters), donate_argnums=0)
 
 
 class JaxBackend(Backend):
@@ -158,7 +157,9 @@ class JaxBackend(Backend):
         """Forget the rows of ``mask`` [B] bool (numpy, as Memory.clear passes it, or a jax array on ``device``)."""
         if not isinstance(mask, jax.Array):
             mask = jax.device_put(np.asarray(mask, dtype=bool), self.device)
-        self.state = _clear(self.state, mask)
+        s = self.state        # as state.clear, on the counters alone: compiled once per batch size
+        next_slot, next_id, wraps = _clear_counters((s.next_slot, s.next_id, s.wraps), mask)
+        self.state = s.replace(next_slot=next_slot, next_id=next_id, wraps=wraps)
 
     def size_array(self) -> jax.Array:
         """[B] int32 on ``device``: entries each row holds now (no host sync)."""
