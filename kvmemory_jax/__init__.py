@@ -27,9 +27,10 @@ from .topk import METHODS
 
 __all__ = ["sharding", "MemoryState", "init", "add", "search", "clear", "size", "ID_HORIZON", "METHODS", "checked",
            "memory_attention", "knn_attention", "knn_attention_step", "JaxBackend",
-           "KNNAttention", "MemorizingTransformer"]
+           "KNNAttention", "KNNMemory", "MemorizingTransformer", "reset_memories", "knn_layers"]
 
-_FLAX = {"KNNAttention": "layer", "MemorizingTransformer": "model"}
+_FLAX = {"KNNAttention": "layer", "KNNMemory": "layer", "reset_memories": "layer", "knn_layers": "layer",
+         "MemorizingTransformer": "model"}
 
 
 def __getattr__(name):

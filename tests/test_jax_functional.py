@@ -239,3 +239,13 @@ def test_finite_checks_are_opt_in_through_checkify():
     assert np.asarray(kvj.size(state)).tolist() == [0, 0]                  # the caller's state is untouched
     bad(lambda: jax.jit(functools.partial(kvj.add, check_finite=True))(state, good_k, good_v), ValueError,
         "checkify")                                                       # checks need checkify under jit
+
+
+def test_flax_modules_without_flax_name_the_extra(monkeypatch):
+    """kvmemory_jax imports no flax; its Flax modules, asked for without it, say which extra to install."""
+    import sys
+    monkeypatch.setitem(sys.modules, "flax", None)
+    with pytest.raises(ImportError, match=r"pip install 'kvmemory\[flax\]'"):
+        kvj.KNNAttention
+    with pytest.raises(AttributeError, match="no attribute 'KNNAttn'"):
+        kvj.KNNAttn
