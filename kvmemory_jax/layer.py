@@ -154,7 +154,10 @@ class KNNAttention(nnx.Module):
             keys, values = (jnp.concatenate([c, jax.lax.stop_gradient(n).astype(c.dtype)], 1)[:, -X:]
                             for c, n in ((xl[0], k), (xl[1], v)))
             valid = jnp.concatenate([xl[2], jnp.ones((B, T), bool)], 1)[:, -X:]
-            self.xl.set_value((keys, values, valid))
+            xl = (keys, values, valid)
+            if self.mesh is not None:  # stays split along the batch, as it was made (a jitted step's in == out)
+                xl = jax.lax.with_sharding_constraint(xl, batch_sharding(self.mesh, self.batch_axis))
+            self.xl.set_value(xl)
         return self.to_out(out.reshape(B, T, H * D))
 
 

@@ -82,6 +82,9 @@ def train() -> dict:
             "--depth", "1", "--heads", "2", "--capacity", "12", "--k", "4", "--xl", "--mode", "scan"]
     many = example.train(example.parse(tiny + ["--devices", "4"]), log=lambda *_: None)
     one = example.train(example.parse(tiny), log=lambda *_: None)
+    # one compiled step per segment: its carry must come out sharded as it went in (else the 2nd call fails)
+    looped = example.train(example.parse(tiny + ["--devices", "4", "--mode", "loop"]),
+                           log=lambda *_: None)
     (state,) = [m for m in jax.tree.leaves(many["carry"][1], is_leaf=lambda x: isinstance(x, kvj.MemoryState))
                 if isinstance(m, kvj.MemoryState)]
     hlo = many["compiled"].as_text()
@@ -89,6 +92,7 @@ def train() -> dict:
     memory_collectives = [line.strip()[:160] for line in hlo.splitlines()
                           if re.search(COLLECTIVES, line) and any(s in line for s in memory_shapes)]
     return {"train/losses_sharded": many["losses"], "train/losses_one_device": one["losses"],
+            "train/losses_sharded_loop": looped["losses"],
             "train/memory_sharded": all(len(x.sharding.device_set) == 4 and x.sharding.spec[:1] == ("batch",)
                                         for x in jax.tree.leaves(state)),
             "train/collectives": sorted(set(re.findall(COLLECTIVES, hlo))),

@@ -48,6 +48,7 @@ def test_scanned_sharded_train_step_equals_one_device(checks):
     """The example's jitted lax.scan train step, batch and memory split over 4 devices: the same losses,
     the memory stays sharded, and the only collective is the gradients' all-reduce (none touches the memory)."""
     assert checks["train/losses_sharded"] == pytest.approx(checks["train/losses_one_device"], rel=1e-5)
+    assert checks["train/losses_sharded_loop"] == pytest.approx(checks["train/losses_one_device"], rel=1e-5)
     assert checks["train/memory_sharded"]
     assert not set(checks["train/collectives"]) & NOT_FOR_MEMORY, checks["train/collectives"]
     assert checks["train/memory_collectives"] == []
