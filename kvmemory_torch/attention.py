@@ -37,10 +37,11 @@ class KNNAttention(LocalAttention):
     plain local attention instead of a mix with zeros.
 
     Args:
-        dim, num_heads, head_dim, normalize_qk, init_scale, xl_cache, rotary,
-            bias: as :class:`LocalAttention`, whose parameters this layer
-            shares by name (so a trained plain layer's weights load into it:
-            see ``MemorizingTransformer.add_memory``).
+        dim, num_heads, head_dim, **local_options (normalize_qk, init_scale,
+            xl_cache, rotary, smear_keys, bias): as :class:`LocalAttention`,
+            whose parameters this layer shares by name (so a trained plain
+            layer's weights load into it: see ``MemorizingTransformer.add_memory``).
+            With ``smear_keys`` the memory stores the smeared keys.
         memory: a ``kvmemory.Memory`` with key_dim = value_dim = head_dim and
             num_heads heads, or a dict of ``Memory`` keyword arguments. From a
             dict the layer fills in key_dim, value_dim, num_heads, metric
@@ -57,10 +58,8 @@ class KNNAttention(LocalAttention):
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, memory: Memory | dict, k: int = 32,
-                 normalize_qk: bool = True, init_scale: float | None = None, xl_cache: bool = False,
-                 gate_init: float = 0.0, bias: bool = False, rotary: bool = False):
-        super().__init__(dim, num_heads, head_dim, normalize_qk=normalize_qk, init_scale=init_scale,
-                         xl_cache=xl_cache, rotary=rotary, bias=bias)
+                 gate_init: float = 0.0, **local_options):
+        super().__init__(dim, num_heads, head_dim, **local_options)
         self.k = check_int_option("k", k)
         self.gate_bias = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
         self.update_memory = True

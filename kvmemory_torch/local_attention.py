@@ -32,18 +32,27 @@ class LocalAttention(nn.Module):
         rotary: rotary position embedding of queries and keys (positions
             count from the start of the XL cache); off: no position
             information inside the layer (the model must supply it).
+        smear_keys: each key becomes ``k_t + sigmoid(a_h) * (k_{t-1} - k_t)``
+            with a learned per-head ``a_h`` (initially 0: half each), the
+            "smeared key" of Olsson et al. (2022). A key then tells what came
+            just before it, so one layer can learn to copy (match the current
+            token against the token before a past position, then read that
+            position's value), where plain attention needs two layers and far
+            more training. The previous segment's last key is kept for the
+            first key of a segment (within a document; none at its start).
         bias: whether the q/k/v/out projections have biases.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, normalize_qk: bool = True,
-                 init_scale: float | None = None, xl_cache: bool = False, rotary: bool = False, bias: bool = False):
+                 init_scale: float | None = None, xl_cache: bool = False, rotary: bool = False,
+                 smear_keys: bool = False, bias: bool = False):
         super().__init__()
         dim, num_heads, head_dim = (check_int_option(name, value) for name, value in
                                     (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim)))
         if rotary and head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.normalize_qk, self.xl_cache, self.rotary = normalize_qk, xl_cache, rotary
+        self.normalize_qk, self.xl_cache, self.rotary, self.smear_keys = normalize_qk, xl_cache, rotary, smear_keys
         inner = num_heads * head_dim
         self.to_q = nn.Linear(dim, inner, bias=bias)
         self.to_k = nn.Linear(dim, inner, bias=bias)
@@ -52,7 +61,10 @@ class LocalAttention(nn.Module):
         if normalize_qk:
             scale = math.sqrt(head_dim) if init_scale is None else float(init_scale)
             self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale)))
+        if smear_keys:
+            self.smear_logit = nn.Parameter(torch.zeros(num_heads))
         self._xl = None  # (keys [B,T,H,D], values [B,T,H,D], valid [B]) of the previous segment
+        self._last_key = None  # (raw key [B,H,D], valid [B]) of the previous segment's last token
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]; doc_start [B] bool flags rows whose document starts here."""
@@ -64,8 +76,9 @@ class LocalAttention(nn.Module):
         return self._output(out)
 
     def reset_cache(self) -> None:
-        """Forget the XL cache."""
+        """Forget the XL cache (and the last key, with smear_keys)."""
         self._xl = None
+        self._last_key = None
 
     # -- pieces shared with KNNAttention -----------------------------------------------
     def _check_input(self, x: torch.Tensor, doc_start) -> torch.Tensor | None:
@@ -81,17 +94,35 @@ class LocalAttention(nn.Module):
         return doc_start
 
     def _start_documents(self, doc_start: torch.Tensor | None) -> None:
-        if doc_start is not None and self._xl is not None and self._xl[2].shape == doc_start.shape:
+        if doc_start is None:
+            return
+        if self._xl is not None and self._xl[2].shape == doc_start.shape:
             self._xl = (*self._xl[:2], self._xl[2] & ~doc_start)
+        if self._last_key is not None and self._last_key[1].shape == doc_start.shape:
+            self._last_key = (self._last_key[0], self._last_key[1] & ~doc_start)
 
     def _qkv(self, x: torch.Tensor):
         """Queries, keys, values [B,T,H,D] (q and k unit vectors when normalize_qk)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = (proj(x).view(B, T, H, D) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.smear_keys:
+            k = self._smear(k)
         if self.normalize_qk:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return q, k, v
+
+    def _smear(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys [B,T,H,D] mixed with the key before each (see ``smear_keys``); remembers the last raw key."""
+        B = k.shape[0]
+        last = self._last_key
+        if last is not None and last[0].shape[0] == B and last[0].device == k.device:
+            first = torch.where(last[1][:, None, None], last[0].to(k.dtype), k[:, 0])
+        else:
+            first = k[:, 0]
+        before = torch.cat([first[:, None], k[:, :-1]], 1)
+        self._last_key = (k[:, -1].detach(), torch.ones(B, dtype=torch.bool, device=k.device))
+        return k + torch.sigmoid(self.smear_logit)[:, None] * (before - k)
 
     def _logit_scale(self, q: torch.Tensor) -> torch.Tensor:
         """[H, 1]: what q is multiplied by before its dot products."""

@@ -96,7 +96,8 @@ class Experiment:
     def __init__(self, preset: Preset, work_dir: str, show_progress: bool):
         self.preset, self.work_dir, self.show_progress = preset, work_dir, show_progress
         p = preset
-        self.copy_train = copy_documents(p.copy_docs, p.copy_length, seed=p.seed, passage=p.copy_passage,
+        n_train = -(-p.copy_steps * p.batch * p.seg_len // p.copy_length) + p.batch
+        self.copy_train = copy_documents(n_train, p.copy_length, seed=p.seed, passage=p.copy_passage,
                                          gap=p.copy_gap)
         self.copy_eval = copy_documents(p.copy_eval_docs, p.copy_length, seed=p.seed + 1, passage=p.copy_passage,
                                         gap=p.copy_gap)

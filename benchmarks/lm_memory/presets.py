@@ -15,6 +15,8 @@ class Preset:
     seg_len: int              # tokens per segment (the local context)
     batch: int                # rows, each reading its own documents
     k: int = 32               # neighbours per query
+    smear_keys: bool = True   # Olsson et al.'s smeared keys in every layer (see LocalAttention): without
+                              # them no copying circuit forms within these budgets (copy task, both ways)
     # training (the same budget for every configuration)
     steps: int = 1000
     lr: float = 1e-3
@@ -32,12 +34,12 @@ class Preset:
     eval_bytes: int = 400_000        # held-out bytes evaluated (whole documents)
     eval_max_doc_bytes: int | None = None
     train_max_doc_bytes: int | None = None
-    # copy task (part 1): trained from scratch with and without memory
+    # copy task (part 1): trained from scratch with and without memory, on fresh documents only
+    # (as many as the steps read: random bytes seen twice would be memorised into the weights)
     copy_steps: int = 300
     copy_length: int = 6144
     copy_passage: int = 64
     copy_gap: tuple = (1024, 3072)
-    copy_docs: int = 64
     copy_eval_docs: int = 8
     copy_memory: int = 4096
     device: str = "cpu"
@@ -53,7 +55,7 @@ PRESETS = {
         name="quick", dim=64, depth=2, heads=2, seg_len=64, batch=4, k=8,
         steps=30, lr=2e-3, warmup=5, retrofit_steps=10, ckpt_every=10,
         memory_sizes=(256, 1024), eval_bytes=12_000, eval_max_doc_bytes=3_000, train_max_doc_bytes=4_000,
-        copy_steps=30, copy_length=1024, copy_passage=16, copy_gap=(256, 512), copy_docs=8,
+        copy_steps=30, copy_length=1024, copy_passage=16, copy_gap=(256, 512),
         copy_eval_docs=2, copy_memory=512, corpora=("code", "prose"),
     ),
     "default": Preset(
