@@ -69,9 +69,12 @@ def _backend(index_type: str, n: int, dim: int, metric: str, options: dict):
         from ..backends.faiss import default_nlist
         nlist = options.pop("nlist", None) or default_nlist(n)
         m = options.pop("pq_m", None) or max(1, dim // 8)
+        # faiss asks for >= 39 training points per centroid of each 2^nbits codebook (and trains
+        # 8-bit codebooks on a few thousand points very slowly): small shards get 4-bit codes
+        nbits = options.pop("pq_nbits", None) or (8 if n >= 39 * 256 else 4)
         if dim % m:
             raise ValueError(f"pq_m must divide the embedding dim {dim}, got {m}")
-        fixed = {"index": f"IVF{nlist},PQ{m}", "nlist": nlist}
+        fixed = {"index": f"IVF{nlist},PQ{m}x{nbits}", "nlist": nlist}
     clash = sorted(set(options) & set(fixed))
     if clash:
         raise ValueError(f"index {index_type!r} fixes option(s) {clash}")
