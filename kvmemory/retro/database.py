@@ -203,6 +203,23 @@ class RetroDatabase:
             raise ValueError("query embeddings contain NaN or inf")
         return x
 
+    def with_index(self, index: str, index_options: dict | None = None) -> dict:
+        """Index every shard's embeddings with another index type, in memory, without re-embedding.
+
+        For trying index types on a built store (the store on disk keeps its own index).
+        Returns build seconds per shard.
+        """
+        import time
+        from .index import build_index, resolve_options
+        seconds = {}
+        for s in self.shards:
+            t = time.perf_counter()
+            resolved = resolve_options(index, s.size, self.dim, self.metric, index_options)
+            s._index = build_index(s.embeddings, self.metric, resolved)
+            seconds[s.name] = time.perf_counter() - t
+        self.index_type = index
+        return seconds
+
     # -- search ------------------------------------------------------------------------------
     def _exclusions(self, exclude_doc_ids, n: int) -> np.ndarray:
         if exclude_doc_ids is None:

@@ -139,3 +139,14 @@ def test_bad_queries_are_refused(tmp_path):
         db.search(np.zeros((1, 16), np.float32), 2, exclude_doc_ids=[-5])
     with pytest.raises(ValueError, match="chunk ids"):
         db.chunk_tokens(np.array([db.num_chunks]))
+
+
+def test_ties_are_broken_by_id_in_sharded_and_single_stores(tmp_path):
+    doc = np.random.default_rng(2).integers(0, 256, 3 * C).astype(np.uint8)
+    docs = [doc] * 5                                     # identical chunks: identical embeddings, tied scores
+    for name, shard_chunks in (("sharded", 4), ("single", 100)):
+        retro.build(docs, tmp_path / name, embedder=stub_embedder(), chunk_len=C, shard_chunks=shard_chunks)
+    q = retro.RetroDatabase(tmp_path / "single", embedder=stub_embedder()).embeddings([1])
+    for name in ("sharded", "single"):
+        db = retro.RetroDatabase(tmp_path / name, embedder=stub_embedder())
+        assert db.search(q, 4, exclude_doc_ids=[0]).ids.tolist() == [[4, 7, 10, 13]]
