@@ -2,7 +2,7 @@
 recall@2 vs exact per index type, resume after a kill, precompute; over Python standard library sources.
 
     python -m benchmarks.retro_db            # MiniLM over the 53 stdlib modules of 16-24 KB (~16.7k chunks)
-    python -m benchmarks.retro_db --quick    # smoke run: n-gram embedder, a few files, no Ray
+    python -m benchmarks.retro_db --small    # smoke run (seconds): n-gram embedder, 8 files, no Ray
 
 Every build goes through the CLI (``python -m kvmemory.retro build``), as a user would run it.
 Documents: the stdlib's ``.py`` files outside test/tests/idle_test/site-packages, of
@@ -56,10 +56,10 @@ def build_args(store, a, embedder, workers=0, docs_filter=True, extra=()):
     return args + list(extra)
 
 
-def timed_build(store, a, embedder, workers=0, docs_filter=True):
+def timed_build(store, a, embedder, workers=0, docs_filter=True, extra=()):
     load0 = os.getloadavg()
     t = time.perf_counter()
-    summary = json.loads(cli(*build_args(store, a, embedder, workers, docs_filter)).strip().splitlines()[-1])
+    summary = json.loads(cli(*build_args(store, a, embedder, workers, docs_filter, extra)).strip().splitlines()[-1])
     wall = time.perf_counter() - t
     n = summary["chunks_built"]
     return {"workers": workers, "runner": "ray" if workers else "single process", "chunks": n,
@@ -137,7 +137,7 @@ def query_sweep(store, a, types):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: n-gram embedder, 8 files, no Ray, no kill")
+    p.add_argument("--small", "--quick", action="store_true", help="smoke run: n-gram embedder, 8 files, no Ray, no kill")
     p.add_argument("--embedder", default="minilm")
     p.add_argument("--min-bytes", type=int, default=16000)
     p.add_argument("--max-bytes", type=int, default=24000)
@@ -149,7 +149,7 @@ def main(argv=None):
     p.add_argument("--full-stdlib", action="store_true", help="also build the whole stdlib with ngram-hash")
     p.add_argument("--work", default=None, help="where the stores go (default: a temporary folder, removed)")
     a = p.parse_args(argv)
-    if a.quick:
+    if a.small:
         a.embedder, a.max_files, a.workers, a.no_kill, a.queries, a.shard_chunks = "ngram-hash", 8, [], True, 200, 512
     from kvmemory.retro.index import INDEX_TYPES
     work = a.work or tempfile.mkdtemp(prefix="kvmemory-retro-bench-")
@@ -167,6 +167,14 @@ def main(argv=None):
         db = retro.RetroDatabase(local)
         result["documents"].update(files=db.num_docs, chunks=db.num_chunks, bytes=db.info()["tokens"])
         ids = np.arange(db.num_chunks)
+        if a.embedder == "minilm":
+            # the same single process with torch on one thread, as each Ray worker runs it
+            store = os.path.join(work, "local1")
+            shutil.rmtree(store, ignore_errors=True)
+            log("[retro_db] single-process build, torch on 1 thread")
+            row = timed_build(store, a, a.embedder, extra=("--embedder-option", "num_threads=1"))
+            row["runner"] = "single process, 1 torch thread"
+            result["builds"].append(row)
         for w in a.workers:
             store = os.path.join(work, f"ray{w}")
             shutil.rmtree(store, ignore_errors=True)
@@ -195,10 +203,11 @@ def main(argv=None):
         result["precompute"] = {"chunks": int(pre.ids.shape[0]), "k": 2, "wall_s": time.perf_counter() - t,
                                 "masked": int((~pre.mask).sum()),
                                 "same_doc_hits": int((reopened.chunk_docs(pre.ids)[0] == reopened.chunk_docs(ids)[0][:, None])[pre.mask].sum())}
-        names = reopened.doc_names()
-        target = "argparse.py" if "argparse.py" in names else names[0]
-        result["cli_query"] = json.loads(cli("query", local, "def parse_args(self, args=None, namespace=None):",
-                                             "-k", "2", "--exclude-doc", target, "--json"))
+        text = "def parse_args(self, args=None, namespace=None):"
+        free = json.loads(cli("query", local, text, "-k", "2", "--json"))
+        top = free["neighbours"][0]["doc_name"]
+        result["cli_query"] = {"without_exclusion": free, "excluding_top_document": json.loads(
+            cli("query", local, text, "-k", "2", "--exclude-doc", top, "--json"))}
         if a.full_stdlib:
             log("[retro_db] whole stdlib, n-gram embedder")
             store = os.path.join(work, "full")
@@ -210,7 +219,7 @@ def main(argv=None):
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
     result["load_average_end"] = list(os.getloadavg())
-    name = "retro_db_quick.json" if a.quick else "retro_db.json"
+    name = "retro_db_small.json" if a.small else "retro_db.json"
     write_json(result_path(name), result)
     d = result["documents"]
     print(f"\n{d['files']} stdlib files of {a.min_bytes}-{a.max_bytes} bytes, {d['chunks']:,} chunks of 64 bytes, "

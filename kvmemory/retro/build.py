@@ -185,13 +185,14 @@ def _finished(store: str, job: ShardJob) -> bool:
 def build(docs, store: str, *, embedder="minilm", embedder_options: dict | None = None, index: str = "exact",
           index_options: dict | None = None, metric: str = "ip", chunk_len: int = 64, tokenizer="bytes",
           pad_id: int = 0, shard_chunks: int = 8192, workers: int = 0, ray_address: str | None = None,
-          append: bool = False, show_progress: bool = False) -> dict:
+          gpus_per_worker: float = 0, append: bool = False, show_progress: bool = False) -> dict:
     """Build (or resume, or with ``append`` extend) the database in directory ``store``.
 
     docs: Documents (see ``documents_from_dir``), token arrays, bytes or texts.
     embedder: a registered name ("minilm", "ngram-hash") with ``embedder_options``, or an Embedder.
     index: "exact" or an ANN type of :data:`kvmemory.retro.index.INDEX_TYPES` with ``index_options``.
-    workers: 0 builds in this process; N >= 1 runs N Ray workers (``ray_address`` to join a cluster).
+    workers: 0 builds in this process; N >= 1 runs N Ray workers (``ray_address`` to join a cluster,
+        ``gpus_per_worker`` for each worker's embedder).
     Returns a report: shards built and skipped, chunk counts, per-shard timings, wall seconds.
     """
     t_start = time.perf_counter()
@@ -240,7 +241,7 @@ def build(docs, store: str, *, embedder="minilm", embedder_options: dict | None 
     if todo:
         if workers:
             from .ray_runner import run_on_ray
-            stats = run_on_ray(store, todo, settings, workers, ray_address)
+            stats = run_on_ray(store, todo, settings, workers, ray_address, gpus_per_worker=gpus_per_worker)
         else:
             stats = run_local(store, todo, settings, emb)
         report["shards_built"] = stats

@@ -45,7 +45,8 @@ def cmd_build(args) -> int:
     report = build(docs, args.out, embedder=args.embedder, embedder_options=_kv(args.embedder_option),
                    index=args.index, index_options=_kv(args.index_option), metric=args.metric,
                    chunk_len=args.chunk_len, shard_chunks=args.shard_chunks, workers=args.workers,
-                   ray_address=args.ray_address, append=args.append, show_progress=not args.quiet)
+                   ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker, append=args.append,
+                   show_progress=not args.quiet)
     built = report["shards_built"]
     summary = {"store": args.out, "shards_built": len(built), "shards_skipped": len(report["shards_skipped"]),
                "chunks_built": sum(s["chunks"] for s in built), "wall_s": round(time.perf_counter() - t, 2),
@@ -73,6 +74,7 @@ def cmd_query(args) -> int:
                 return 2
             doc = names.index(args.exclude_doc)
         exclude = np.array([doc])
+    db.embedder                       # load it first: the time below is the query's
     t = time.perf_counter()
     nb = db.neighbours([args.text], k=args.k, exclude_doc_ids=exclude)
     ms = 1000 * (time.perf_counter() - t)
@@ -133,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-files", type=int, default=None, help="keep the first N files (sorted by path)")
     b.add_argument("--workers", type=int, default=0, help="0: this process (default); N: N Ray workers")
     b.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    b.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each Ray worker asks for (embedding)")
     b.add_argument("--embedder", default="minilm", help="minilm (default) or ngram-hash")
     b.add_argument("--embedder-option", action="append", help="NAME=VALUE, e.g. batch_size=128")
     b.add_argument("--index", default="exact", help="exact, faiss-ivf, faiss-ivfpq, faiss-hnsw, scann, hnsw")
