@@ -173,6 +173,8 @@ def _check_compatible(manifest: dict, fresh: dict, store: str) -> None:
 def _finished(store: str, job: ShardJob) -> bool:
     meta = st.read_shard_meta(store, job.name)
     if meta is None:
+        if os.path.isdir(st.shard_dir(store, job.name)):     # not written by build_shard: start it again
+            shutil.rmtree(st.shard_dir(store, job.name))
         return False
     if meta.get("input_hash") == job.input_hash and meta.get("first_doc") == job.first_doc:
         return True

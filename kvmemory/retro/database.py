@@ -139,7 +139,10 @@ class RetroDatabase:
         self.num_threads = num_threads or os.cpu_count() or 1
         self._pool = None
 
-    open = classmethod(lambda cls, path, **kw: cls(path, **kw))
+    @classmethod
+    def open(cls, path, **kwargs) -> "RetroDatabase":
+        """Same as ``RetroDatabase(path, **kwargs)``."""
+        return cls(path, **kwargs)
 
     # -- sizes ------------------------------------------------------------------------
     @property
@@ -245,8 +248,8 @@ class RetroDatabase:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         q = self.embed(queries)
         n = len(q)
-        ex = np.unique(self._exclusions(exclude_doc_ids, n), axis=1) if exclude_doc_ids is not None \
-            else self._exclusions(None, n)
+        ex = np.sort(self._exclusions(exclude_doc_ids, n), axis=1)
+        ex[:, 1:][ex[:, 1:] == ex[:, :-1]] = -1          # a document named twice is excluded once
 
         def one(s: int):
             shard = self.shards[s]
