@@ -58,7 +58,8 @@ def cmd_build(args) -> int:
 
 def _open(args):
     from . import RetroDatabase
-    return RetroDatabase(args.store, verify=not getattr(args, "no_verify", False))
+    return RetroDatabase(args.store, verify=not getattr(args, "no_verify", False),
+                         embedder_options=_kv(getattr(args, "embedder_option", None)))
 
 
 def cmd_query(args) -> int:
@@ -74,7 +75,7 @@ def cmd_query(args) -> int:
                 return 2
             doc = names.index(args.exclude_doc)
         exclude = np.array([doc])
-    db.embedder                       # load it first: the time below is the query's
+    db.embed(["warm up"])             # load the embedder and run it once: the time below is the query's
     t = time.perf_counter()
     nb = db.neighbours([args.text], k=args.k, exclude_doc_ids=exclude)
     ms = 1000 * (time.perf_counter() - t)
@@ -152,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=2)
     q.add_argument("--exclude-doc", default=None, help="a document name or id to leave out")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--embedder-option", action="append",
+                   help="NAME=VALUE run-time option of the store's embedder, e.g. num_threads=1")
     q.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the store's files")
     q.set_defaults(fn=cmd_query)
     i = sub.add_parser("info", help="what a store holds")

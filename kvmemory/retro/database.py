@@ -108,14 +108,15 @@ class RetroDatabase:
     Args:
         path: the store directory.
         embedder: the embedder to embed text queries with; default: made from the name in the
-            manifest. Refused if its fingerprint differs from the store's.
+            manifest (with ``embedder_options``, e.g. ``{"num_threads": 1}``). Refused if its
+            fingerprint differs from the store's.
         verify: check every file's CRC-32 (reads everything once); sizes and headers are always checked.
         num_threads: threads fanning a search out over shards (default: all cores; ANN indices only,
             the exact search is one BLAS call per shard, multi-threaded already).
     """
 
     def __init__(self, path, embedder: Embedder | str | None = None, verify: bool = True,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, embedder_options: dict | None = None):
         self.path = os.fspath(path)
         m = st.read_manifest(self.path)
         if m["pending"]:
@@ -134,6 +135,7 @@ class RetroDatabase:
         self.first_docs = np.array([s.first_doc for s in self.shards], np.int64)
         self.dim = int(m["embedder"]["dim"])
         self._embedder = None
+        self.embedder_options = dict(embedder_options or {})
         if embedder is not None:
             self.embedder = embedder
         self.num_threads = num_threads or os.cpu_count() or 1
@@ -164,7 +166,7 @@ class RetroDatabase:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self.embedder = embedder_from_fingerprint(self.manifest["embedder"])
+            self.embedder = embedder_from_fingerprint(self.manifest["embedder"], **self.embedder_options)
         return self._embedder
 
     @embedder.setter

@@ -45,9 +45,10 @@ class Embedder:
         return {}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Embedder":
-        """The embedder a store's fingerprint config describes (for registered embedders)."""
-        return cls()
+    def from_config(cls, config: dict, **options) -> "Embedder":
+        """The embedder a store's fingerprint config describes (registered embedders), with run-time
+        ``options`` that do not change its vectors (threads, device, batch size)."""
+        return cls(**options)
 
     def fingerprint(self) -> dict:
         cfg = self.config()
@@ -124,8 +125,8 @@ class NgramHashEmbedder(Embedder):
         return {"dim": self.dim, "n": self.n, "hash": "fnv1a-32"}
 
     @classmethod
-    def from_config(cls, config):
-        return cls(dim=config["dim"], n=config["n"])
+    def from_config(cls, config, **options):
+        return cls(dim=config["dim"], n=config["n"], **options)
 
     def embed(self, texts):
         out = np.zeros((len(texts), self.dim), np.float32)
@@ -187,14 +188,15 @@ def make_embedder(spec=None, **options) -> Embedder:
     return _embedder_class(spec)(**options)
 
 
-def embedder_from_fingerprint(fingerprint: dict) -> Embedder:
-    """The registered embedder a store was built with, made again from its manifest's fingerprint."""
+def embedder_from_fingerprint(fingerprint: dict, **options) -> Embedder:
+    """The registered embedder a store was built with, made again from its manifest's fingerprint
+    (``options``: run-time ones such as MiniLM's ``num_threads`` or ``device``)."""
     name = fingerprint.get("name")
     if name not in _REGISTRY:
         raise ValueError(f"this store was built with embedder {name!r}, which is not registered here "
                          f"({sorted(_REGISTRY)}): pass the same embedder explicitly (embedder=...)")
     cls = _embedder_class(name)
-    return cls.from_config(fingerprint.get("config", {}))
+    return cls.from_config(fingerprint.get("config", {}), **options)
 
 
 def _embedder_class(name: str):

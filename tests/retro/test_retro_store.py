@@ -179,3 +179,12 @@ def test_atomic_json_never_leaves_a_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         st.atomic_write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_embedder_remade_from_the_manifest_with_run_time_options(tmp_path):
+    retro.build([b"def f(x):\n    return x\n" * 4], tmp_path / "db", embedder="ngram-hash",
+                embedder_options={"dim": 16}, chunk_len=C)
+    db = retro.RetroDatabase(tmp_path / "db")
+    assert db.search(["def f(x):"], 1).mask.all() and db.embedder.dim == 16
+    with pytest.raises(ValueError, match="config hash"):       # an option that changes the vectors is refused
+        retro.RetroDatabase(tmp_path / "db", embedder_options={"n": 4}).search(["def f(x):"], 1)
