@@ -126,7 +126,7 @@ class NgramHashEmbedder(Embedder):
 
     @classmethod
     def from_config(cls, config, **options):
-        return cls(dim=config["dim"], n=config["n"], **options)
+        return cls(**{"dim": config["dim"], "n": config["n"], **options})
 
     def embed(self, texts):
         out = np.zeros((len(texts), self.dim), np.float32)

@@ -101,7 +101,8 @@ class MiniLMEmbedder(Embedder):
 
     @classmethod
     def from_config(cls, config, **options):
-        return cls(normalize=config.get("normalize", True), max_length=config.get("max_length", 128), **options)
+        return cls(**{"normalize": config.get("normalize", True), "max_length": config.get("max_length", 128),
+                      **options})
 
     def embed(self, texts):
         torch = self._torch
