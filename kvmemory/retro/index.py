@@ -22,6 +22,14 @@ reuses exactly the pieces of the core that do the searching:
 Wrapping a ``Memory`` instead would keep a second copy of every embedding in
 its ring (in RAM, and again in its save file), and its search has no filter.
 
+Options (``index_options``; unknown ones are refused by the backend class, naming the valid ones):
+faiss types take the faiss backend's (``nlist``, ``M``, ``ef_construction``; search: ``nprobe``,
+``ef_search``), ``"faiss-ivfpq"`` also ``pq_m`` (sub-quantizers, default dim / 8) and ``pq_nbits``
+(default 8, or 4 for shards under 9,984 chunks, too few to train 256 centroids per codebook);
+``"scann"`` the ScaNN backend's (``num_leaves``, ``tree_min_size``, ...; search: ``num_leaves_to_search``,
+``reorder``); ``"hnsw"`` hnswlib's (``M``, ``ef_construction``; search: ``ef``). Defaults are the
+backends', computed for a segment the size of the shard.
+
 Same-document exclusion (:func:`search_excluding`) is a filter on ids: the
 chunks of a document are a contiguous range of a shard's ids, and every
 candidate inside an excluded range is dropped. Candidates are over-fetched:
