@@ -1,20 +1,18 @@
-"""backend="jax": exact top-k over ring buffers that live on a jax device.
+"""backend="jax": ``kvmemory.Memory`` as a thin stateful wrapper over the functional API.
 
-Storage is a :class:`kvmemory_jax.ring.RingState` on ``device`` (keys, values,
-squared norms where the metric needs them, int64 counts). ``add``, ``clear``
-and ``search`` are jitted functional updates of it (the old buffers are
-donated); nothing is copied to the host but ``counts()`` and the one bool of
-the NaN/inf check.
+Storage is a :class:`kvmemory_jax.state.MemoryState` on ``device``; ``add``,
+``clear`` and ``search`` are the pure functions of :mod:`kvmemory_jax.state`
+and :mod:`kvmemory_jax.search`, jitted with the old state donated. Nothing is
+copied to the host but ``counts()`` and the one bool of the NaN/inf check.
 
-Ids and counts are int64, so the kernels run under ``jax.enable_x64``;
-the caller's own jax configuration is left as it is. ``SearchResult.ids``
-is therefore an int64 jax array even when x64 is off (jnp arithmetic on it
-then truncates to int32 with a warning; ``mask`` tells valid slots apart).
+Nothing needs ``jax_enable_x64``: counters are int32 (a split counter, exact
+up to 2**62 tokens), ``counts()`` and saved files hold exact int64 counts,
+and ``SearchResult.ids`` is an **int32** jax array: the stream position
+modulo 2**31 (see :mod:`kvmemory_jax.state`).
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +22,10 @@ from kvmemory.backends.base import Backend
 from kvmemory.result import SearchResult
 from kvmemory.validation import FLOAT_DTYPES, check_int_option
 
-from . import ring
-
-SCORE_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+from . import retrieve as search_mod
+from . import state as state_mod
+from . import topk
+from .state import SCORE_DTYPES
 
 
 def resolve_device(device) -> jax.Device:
@@ -55,25 +54,19 @@ def concrete(x, name: str = "array"):
     if isinstance(x, jax.core.Tracer):
         raise TypeError(
             f"{name} is traced (inside jax.jit, vmap or scan): a Memory is stateful and runs outside "
-            f"jit; search it before the jitted step and pass the results in (see kvmemory_jax.memory_attention)"
+            f"jit; inside jit use the functional API (kvmemory_jax.init, add, search, clear) or "
+            f"the Flax layer kvmemory_jax.KNNAttention"
         )
     return x
 
 
-def _x64(method):
-    """Run ``method`` with 64-bit jax types on, for int64 counts and ids."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with jax.enable_x64(True):
-            return method(*args, **kwargs)
-    return wrapper
-
-
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
+_add = jax.jit(state_mod._add_impl, donate_argnums=0)
+_clear_counters = jax.jit(lambda counters, mask: tuple(jnp.where(mask, 0, c) for c in counters), donate_argnums=0)
 
 
 class JaxBackend(Backend):
-    """Exact (or bfloat16-then-exact) top-k on a jax device, all rows and heads at once.
+    """Exact (or bfloat16-then-exact, or approximate) top-k on a jax device, all rows and heads at once.
 
     Build options:
         device: where storage lives and results are returned (a jax Device,
@@ -87,45 +80,46 @@ class JaxBackend(Backend):
             bool back from the device per call, False removes that sync.
     Search options:
         rescore_factor: bfloat16 candidates per query = rescore_factor * k (default 2).
+        method: "exact" (default), "approx_max_k" or "bins" (see :mod:`kvmemory_jax.topk`).
+        recall_target: expected recall of the approximate methods (default 0.95).
     """
 
     name = "jax"
-    build_options = {"device": None, "score_dtype": "float32", "block_bytes": 256 << 20, "check_finite": True}
-    search_options = {"rescore_factor": 2}
+    build_options = {"device": None, "score_dtype": "float32", "block_bytes": search_mod.DEFAULT_BLOCK_BYTES,
+                     "check_finite": True}
+    search_options = {"rescore_factor": 2, "method": "exact", "recall_target": 0.95}
     accepted_dtypes = FLOAT_DTYPES + ("bfloat16",)
 
-    @_x64
     def __init__(self, config, **options):
         super().__init__(config, **options)
         self.device = resolve_device(self.options["device"])
         dtype = self.options["score_dtype"]
         if dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {dtype!r}")
-        self.score_dtype = SCORE_DTYPES[dtype]
         self.options["device"] = device_name(self.device)
-        self.options["score_dtype"] = jnp.dtype(self.score_dtype).name
+        self.options["score_dtype"] = jnp.dtype(SCORE_DTYPES[dtype]).name
         self.options["block_bytes"] = check_int_option("block_bytes", self.options["block_bytes"], maximum=1 << 40)
         if not isinstance(self.options["check_finite"], bool):
             raise ValueError(f"check_finite must be a bool, got {self.options['check_finite']!r}")
         self.search_args = self.check_search_options(self.search_args)
-
-        B, H, C = config.batch_size, config.num_heads, config.capacity
-        zeros = functools.partial(jnp.zeros, device=self.device)
-        self.state = ring.RingState(
-            keys=zeros((B, H, C, config.key_dim), jnp.float32),
-            values=zeros((B, H, C, config.value_dim), jnp.float32),
-            sqnorms=zeros((B, H, C), jnp.float32) if config.metric != "ip" else None,
-            scan_keys=zeros((B, H, C, config.key_dim), self.score_dtype) if self.score_dtype != jnp.float32 else None,
-            counts=zeros((B,), jnp.int64),
-        )
+        c = config
+        self.state = state_mod.init(c.batch_size, c.num_heads, c.capacity, c.key_dim, c.value_dim,
+                                    metric=c.metric, score_dtype=self.options["score_dtype"], device=self.device)
 
     def check_search_options(self, options: dict) -> dict:
+        options = dict(options)
         if "rescore_factor" in options:
-            options = {**options, "rescore_factor": check_int_option("rescore_factor", options["rescore_factor"])}
+            options["rescore_factor"] = check_int_option("rescore_factor", options["rescore_factor"])
+        if "method" in options and options["method"] not in topk.METHODS:
+            raise ValueError(f"method must be one of {topk.METHODS}, got {options['method']!r}")
+        if "recall_target" in options:
+            r = options["recall_target"]
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"recall_target must be a float in (0, 1], got {r!r}")
+            options["recall_target"] = float(r)
         return options
 
     # -- arrays ------------------------------------------------------------------
-    @_x64
     def convert(self, x) -> jax.Array:
         """A jax array on ``device`` or a host array (numpy, list) as a float32 jax array on ``device``.
 
@@ -155,79 +149,67 @@ class JaxBackend(Backend):
         return super().rows_mask(rows)
 
     # -- the interface -------------------------------------------------------------
-    @_x64
     def add(self, keys: jax.Array, values: jax.Array) -> None:
         """Append keys [B,T,H,Dk] and values [B,T,H,Dv] (float32 on ``device``)."""
-        self.state = ring.add(self.state, keys, values)
+        self.state = _add(self.state, keys, values)
 
-    @_x64
     def clear(self, mask) -> None:
         """Forget the rows of ``mask`` [B] bool (numpy, as Memory.clear passes it, or a jax array on ``device``)."""
         if not isinstance(mask, jax.Array):
             mask = jax.device_put(np.asarray(mask, dtype=bool), self.device)
-        self.state = self.state._replace(counts=ring.clear(self.state.counts, mask))
+        s = self.state        # as state.clear, on the counters alone: compiled once per batch size
+        next_slot, next_id, wraps = _clear_counters((s.next_slot, s.next_id, s.wraps), mask)
+        self.state = s.replace(next_slot=next_slot, next_id=next_id, wraps=wraps)
 
-    @_x64
-    def counts_array(self) -> jax.Array:
-        """[B] int64 on ``device``: entries added per row since its last clear (no host sync)."""
-        return jnp.copy(self.state.counts)   # the state's own buffer is donated by the next add or clear
+    def size_array(self) -> jax.Array:
+        """[B] int32 on ``device``: entries each row holds now (no host sync)."""
+        return state_mod.size(self.state)
 
     def counts(self) -> np.ndarray:
-        return np.array(jax.device_get(self.state.counts), dtype=np.int64)
+        return state_mod.host_counts(self.state)
 
-    @_x64
     def search(self, queries: jax.Array, k: int, with_entries: bool = True) -> SearchResult:
-        B, T, H, _ = queries.shape
-        C = self.config.capacity
-        low = self.score_dtype != jnp.float32
-        m = min(k * self.search_args["rescore_factor"] if low else k, C)
-        if T == 0:
-            return self._empty(B, T, H, k, with_entries)
-        cols, rows = ring.plan_blocks(B * H, T, C, m, self.options["block_bytes"])
-        return ring.search(self.state, queries, k=k, m=m, cols=cols, rows=rows, metric=self.config.metric,
-                           with_entries=with_entries)
-
-    def _empty(self, B: int, T: int, H: int, k: int, with_entries: bool) -> SearchResult:
-        c = self.config
-        zeros = functools.partial(jnp.zeros, device=self.device)
-        return SearchResult(keys=zeros((B, T, H, k, c.key_dim), jnp.float32) if with_entries else None,
-                            values=zeros((B, T, H, k, c.value_dim), jnp.float32) if with_entries else None,
-                            scores=zeros((B, T, H, k), jnp.float32),
-                            ids=jnp.full((B, T, H, k), -1, jnp.int64, device=self.device),
-                            mask=zeros((B, T, H, k), jnp.bool_))
+        a = self.search_args
+        return search_mod.search(self.state, queries, k, method=a["method"], recall_target=a["recall_target"],
+                                 rescore_factor=a["rescore_factor"], block_bytes=self.options["block_bytes"],
+                                 with_entries=with_entries)
 
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """keys, values (float32), counts (int64) and, for cosine and l2, sqnorms: numpy copies, as the exact backend saves them."""
         s = self.state
-        state = {"keys": s.keys, "values": s.values, "counts": s.counts}
+        state = {"keys": s.keys, "values": s.values}
         if s.sqnorms is not None:
             state["sqnorms"] = s.sqnorms
-        return {name: np.array(arr) for name, arr in jax.device_get(state).items()}
+        state = {name: np.array(arr) for name, arr in jax.device_get(state).items()}
+        state["counts"] = state_mod.host_counts(s)
+        return state
 
-    @_x64
     def load_state_dict(self, state: dict) -> None:
         """Load keys, values, counts and sqnorms; sqnorms are recomputed from the keys where not saved (e.g. by torch)."""
-        expected = {"keys": (self.state.keys, np.float32), "values": (self.state.values, np.float32),
-                    "counts": (self.state.counts, np.int64)}
-        if self.state.sqnorms is not None and "sqnorms" in state:
-            expected["sqnorms"] = (self.state.sqnorms, np.float32)
+        s, C = self.state, self.config.capacity
+        expected = {"keys": (s.keys.shape, np.float32), "values": (s.values.shape, np.float32),
+                    "counts": ((self.config.batch_size,), np.int64)}
+        if s.sqnorms is not None and "sqnorms" in state:
+            expected["sqnorms"] = (s.sqnorms.shape, np.float32)
         arrays = {}
-        for name, (current, dtype) in expected.items():
+        for name, (shape, dtype) in expected.items():
             if name not in state:
                 raise ValueError(f"saved memory lacks {name!r}")
             arr = np.asarray(state[name])
-            if arr.shape != current.shape or arr.dtype != dtype:
+            if arr.shape != shape or arr.dtype != dtype:
                 raise ValueError(f"saved {name!r} has shape {arr.shape} dtype {arr.dtype}, "
-                                 f"expected {current.shape} {np.dtype(dtype)}")
+                                 f"expected {shape} {np.dtype(dtype)}")
             arrays[name] = arr
         if (arrays["counts"] < 0).any():
             raise ValueError("saved 'counts' holds negative values")
-        arrays = {name: jnp.array(arr, copy=True, device=self.device) for name, arr in arrays.items()}
+        counters = state_mod.counters_from_counts(arrays.pop("counts"), C)
+        arrays = {name: jnp.array(arr, copy=True, device=self.device) for name, arr in {**arrays, **counters}.items()}
         keys, sqnorms = arrays["keys"], arrays.get("sqnorms")
-        if sqnorms is None and self.state.sqnorms is not None:
+        if sqnorms is None and s.sqnorms is not None:
             sqnorms = jnp.sum(keys * keys, -1)
-        self.state = ring.RingState(
-            keys=keys, values=arrays["values"], counts=arrays["counts"], sqnorms=sqnorms,
-            scan_keys=None if self.state.scan_keys is None else keys.astype(self.score_dtype),
+        self.state = s.replace(
+            keys=keys, values=arrays["values"], sqnorms=sqnorms,
+            scan_keys=None if s.scan_keys is None else keys.astype(s.scan_keys.dtype),
+            next_slot=arrays["next_slot"], next_id=arrays["next_id"], wraps=arrays["wraps"],
         )

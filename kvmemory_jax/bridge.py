@@ -5,7 +5,9 @@ a host backend (exact, faiss, scann, hnsw) each call moves its inputs to the
 host in one ``jax.device_get`` and, for a search, brings the whole result
 back in one ``jax.device_put``: keys, values, scores and ids are packed into
 one uint32 buffer, copied once, and bit-cast apart on the device (the mask
-is rebuilt there as ``ids >= 0``). Gradients are always stopped.
+is rebuilt there as ``ids >= 0``). Ids arrive as int32, modulo 2**31, as
+``backend="jax"`` reports them (no ``jax_enable_x64`` needed). Gradients are
+always stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from kvmemory import Memory, SearchResult
 
 from .backend import JaxBackend, concrete
+from .state import ID_MASK
 
 
 def is_device_memory(memory: Memory) -> bool:
@@ -58,27 +61,26 @@ def clear(memory: Memory, rows) -> None:
 
 def result_to_device(res: SearchResult, device: jax.Device | None = None) -> SearchResult:
     """A numpy SearchResult as jax arrays on ``device`` (default: jax's), with one host-to-device copy."""
-    parts = (res.keys, res.values, res.scores, res.ids)  # keys and values are None without entries
-    flat = np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.uint32) for a in parts if a is not None])
+    ids = np.asarray(res.ids)
+    ids = np.where(ids >= 0, ids & ID_MASK, -1).astype(np.int32)   # int32: stream positions modulo 2**31
+    parts = (res.keys, res.values, res.scores, ids)  # keys and values are None without entries
+    flat = np.concatenate([np.ascontiguousarray(a, dtype=np.float32 if i < 3 else np.int32).reshape(-1).view(np.uint32)
+                           for i, a in enumerate(parts) if a is not None])
     shapes = tuple(None if a is None else a.shape for a in parts)
-    with jax.enable_x64(True):  # int64 ids
-        return _unpack(jax.device_put(flat, device), shapes)
+    return _unpack(jax.device_put(flat, device), shapes)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _unpack(flat: jax.Array, shapes: tuple) -> SearchResult:
-    """flat uint32 words of keys, values, scores (float32) and ids (int64) -> SearchResult; None shapes skipped."""
+    """flat uint32 words of keys, values, scores (float32) and ids (int32) -> SearchResult; None shapes skipped."""
     out, start = [], 0
     for i, shape in enumerate(shapes):
         if shape is None:
             out.append(None)
             continue
-        words = math.prod(shape) * (2 if i == 3 else 1)
+        words = math.prod(shape)
         part = flat[start:start + words]
         start += words
-        if i == 3:
-            out.append(jax.lax.bitcast_convert_type(part.reshape(*shape, 2), jnp.int64))
-        else:
-            out.append(jax.lax.bitcast_convert_type(part, jnp.float32).reshape(shape))
+        out.append(jax.lax.bitcast_convert_type(part, jnp.int32 if i == 3 else jnp.float32).reshape(shape))
     keys, values, scores, ids = out
     return SearchResult(keys=keys, values=values, scores=scores, ids=ids, mask=ids >= 0)

@@ -8,9 +8,10 @@
 """
 
 from .backend import TorchBackend
+from .local_attention import LocalAttention
 from .attention import KNNAttention, frozen_memories, knn_layers, reset_memories
 from .model import MemorizingTransformer
 
-__all__ = ["TorchBackend", "KNNAttention", "MemorizingTransformer", "reset_memories",
+__all__ = ["TorchBackend", "LocalAttention", "KNNAttention", "MemorizingTransformer", "reset_memories",
            "frozen_memories", "knn_layers"]
 

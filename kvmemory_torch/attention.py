@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvmemory import Memory
@@ -14,9 +12,10 @@ from kvmemory.validation import check_int_option
 
 from . import bridge
 from .backend import resolve_device
+from .local_attention import LocalAttention
 
 
-class KNNAttention(nn.Module):
+class KNNAttention(LocalAttention):
     """Causal self-attention over the segment plus attention over k neighbours from a memory.
 
     Per segment (the paper's order): rows flagged by ``doc_start`` are cleared
@@ -28,7 +27,9 @@ class KNNAttention(nn.Module):
 
     Gradients reach the queries through the memory scores, recomputed here
     as ``q . k_retrieved`` with the retrieved keys as constants, and reach
-    the gate; nothing reaches stored keys or values.
+    the gate; nothing reaches stored keys or values. The memory path carries
+    no position information: stored keys are the (normalised) keys before
+    any rotary embedding, and queries search with theirs likewise.
 
     Empty memory: masked neighbour slots are left out of the memory softmax;
     a query with no neighbour at all (its row's memory is empty) gets no
@@ -36,8 +37,10 @@ class KNNAttention(nn.Module):
     plain local attention instead of a mix with zeros.
 
     Args:
-        dim: model width; input and output are [batch, tokens, dim].
-        num_heads, head_dim: attention heads and the size of each.
+        dim, num_heads, head_dim, normalize_qk, init_scale, xl_cache, rotary,
+            bias: as :class:`LocalAttention`, whose parameters this layer
+            shares by name (so a trained plain layer's weights load into it:
+            see ``MemorizingTransformer.add_memory``).
         memory: a ``kvmemory.Memory`` with key_dim = value_dim = head_dim and
             num_heads heads, or a dict of ``Memory`` keyword arguments. From a
             dict the layer fills in key_dim, value_dim, num_heads, metric
@@ -47,13 +50,7 @@ class KNNAttention(nn.Module):
             must equal the input batch. The memory is not a submodule:
             ``module.to(device)`` does not move it.
         k: neighbours retrieved per query and head.
-        normalize_qk: L2-normalise queries and keys, with a learned per-head
-            logit scale (inverse temperature) initialised to ``init_scale``
-            (default sqrt(head_dim), which matches unnormalised attention for
-            unit-variance vectors). Off: logits are q.k / sqrt(head_dim).
-        xl_cache: also attend locally to the previous segment's keys/values.
         gate_init: initial gate bias b (g = sigmoid(b); 0 gives g = 0.5).
-        bias: whether the q/k/v/out projections have biases.
 
     Attribute ``update_memory`` (default True) controls whether a forward
     writes its keys/values to the memory; see :func:`frozen_memories`.
@@ -61,23 +58,12 @@ class KNNAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, memory: Memory | dict, k: int = 32,
                  normalize_qk: bool = True, init_scale: float | None = None, xl_cache: bool = False,
-                 gate_init: float = 0.0, bias: bool = False):
-        super().__init__()
-        dim, num_heads, head_dim, k = (check_int_option(name, value) for name, value in
-                                       (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim), ("k", k)))
-        self.dim, self.num_heads, self.head_dim, self.k = dim, num_heads, head_dim, k
-        self.normalize_qk, self.xl_cache = normalize_qk, xl_cache
-        inner = num_heads * head_dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(dim, inner, bias=bias)
-        self.to_v = nn.Linear(dim, inner, bias=bias)
-        self.to_out = nn.Linear(inner, dim, bias=bias)
-        self.gate_bias = nn.Parameter(torch.full((num_heads,), float(gate_init)))
-        if normalize_qk:
-            scale = math.sqrt(head_dim) if init_scale is None else float(init_scale)
-            self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale)))
+                 gate_init: float = 0.0, bias: bool = False, rotary: bool = False):
+        super().__init__(dim, num_heads, head_dim, normalize_qk=normalize_qk, init_scale=init_scale,
+                         xl_cache=xl_cache, rotary=rotary, bias=bias)
+        self.k = check_int_option("k", k)
+        self.gate_bias = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
         self.update_memory = True
-        self._xl = None  # (keys [B,H,Tx,D], values [B,H,Tx,D], valid [B]) of the previous segment
 
         self.memory_kwargs = None
         self.memory = None
@@ -125,70 +111,34 @@ class KNNAttention(nn.Module):
         """Forget every row of the memory and the XL cache."""
         if self.memory is not None:
             self.memory.clear()
-        self._xl = None
+        self.reset_cache()
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]; doc_start [B] bool flags rows whose document starts here."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [batch, tokens, dim={self.dim}], got shape {tuple(x.shape)}")
-        B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        doc_start = self._check_input(x, doc_start)
         memory = self._memory_for(x)
         if doc_start is not None:
-            doc_start = torch.as_tensor(doc_start, device=x.device)
-            if doc_start.dtype != torch.bool or tuple(doc_start.shape) != (B,):
-                raise ValueError(f"doc_start must be a bool tensor [batch={B}], got "
-                                 f"{doc_start.dtype} {tuple(doc_start.shape)}")
             bridge.clear(memory, doc_start)
-            if self._xl is not None:
-                self._xl = (*self._xl[:2], self._xl[2] & ~doc_start)
+        self._start_documents(doc_start)
 
-        q = self.to_q(x).view(B, T, H, D)
-        k = self.to_k(x).view(B, T, H, D)
-        v = self.to_v(x).view(B, T, H, D)
-        if self.normalize_qk:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            scale = self.log_scale.exp()[:, None]                           # [H,1]
-        else:
-            scale = torch.full((H, 1), D ** -0.5, dtype=x.dtype, device=x.device)
-        q_scaled = q * scale
-
-        local = self._local_attention(q_scaled, k, v)                        # [B,T,H,D]
-        mem, has_memory = self._memory_attention(memory, q, q_scaled)        # [B,T,H,D], [B,T,H,1]
+        q, k, v = self._qkv(x)
+        local = self._local_attention(q, k, v)                               # [B,T,H,D]
+        mem, has_memory = self._memory_attention(memory, q)                  # [B,T,H,D], [B,T,H,1]
         gate = torch.sigmoid(self.gate_bias)[:, None] * has_memory
         out = gate * mem + (1 - gate) * local
 
         if self.update_memory:
             bridge.add(memory, k, v)
-        if self.xl_cache:
-            self._xl = (k.detach().transpose(1, 2), v.detach().transpose(1, 2),
-                        torch.ones(B, dtype=torch.bool, device=x.device))
-        return self.to_out(out.reshape(B, T, H * D))
+        self._remember_segment(k, v)
+        return self._output(out)
 
-    def _local_attention(self, q, k, v):
-        """Causal attention within the segment (and to the XL cache), all [B,T,H,D]; q pre-scaled."""
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # [B,H,T,D]
-        xl = self._xl
-        if not self.xl_cache or xl is None or xl[0].shape[0] != q.shape[0] or xl[0].device != q.device:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-            return out.transpose(1, 2)
-        xk, xv, valid = xl
-        T, Tx = q.shape[2], xk.shape[2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = torch.cat([valid[:, None, None].expand(-1, T, Tx), causal.expand(q.shape[0], T, T)], -1)
-        out = F.scaled_dot_product_attention(
-            q, torch.cat([xk.to(k.dtype), k], 2), torch.cat([xv.to(v.dtype), v], 2),
-            attn_mask=mask[:, None], scale=1.0,
-        )
-        return out.transpose(1, 2)
-
-    def _memory_attention(self, memory: Memory, q, q_scaled):
+    def _memory_attention(self, memory: Memory, q):
         """Attention of q [B,T,H,D] over its k neighbours -> ([B,T,H,D], has_memory [B,T,H,1])."""
         res = bridge.search(memory, q, self.k)
         keys = res.keys.to(q.dtype)                                          # constants
         values = res.values.to(q.dtype)
-        logits = torch.einsum("bthd,bthkd->bthk", q_scaled, keys)
+        logits = torch.einsum("bthd,bthkd->bthk", q * self._logit_scale(q), keys)
         has_memory = res.mask.any(-1, keepdim=True)
         logits = logits.masked_fill(~res.mask, float("-inf"))
         logits = torch.where(has_memory, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
@@ -202,9 +152,12 @@ def knn_layers(model: nn.Module):
 
 
 def reset_memories(model: nn.Module) -> None:
-    """Forget everything the KNNAttention layers of ``model`` hold (memories and XL caches)."""
-    for layer in knn_layers(model):
-        layer.reset_memory()
+    """Forget everything the attention layers of ``model`` hold: KNNAttention memories and every XL cache."""
+    for layer in model.modules():
+        if isinstance(layer, KNNAttention):
+            layer.reset_memory()
+        elif isinstance(layer, LocalAttention):
+            layer.reset_cache()
 
 
 @contextlib.contextmanager

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import KNNAttention
-
-
-class CausalSelfAttention(nn.Module):
-    """Plain multi-head causal self-attention over the segment: [B, T, dim] -> [B, T, dim]."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=False)
-        self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, doc_start=None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.to_qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # [B,H,T,D]
-        return self.to_out(out.transpose(1, 2).reshape(B, T, -1))
+from .local_attention import LocalAttention
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, dim: int, attention: nn.Module, mlp_ratio: int = 4):
         super().__init__()
@@ -42,51 +28,103 @@ class Block(nn.Module):
 class MemorizingTransformer(nn.Module):
     """Token embedding, ``depth`` pre-norm blocks, final norm and output head.
 
-    Block ``knn_layer`` (default ``depth - 2``, near the top as in the paper)
-    uses :class:`KNNAttention`; the others plain causal attention. Positions
-    are learned embeddings of the position inside the segment (at most
-    ``max_len`` tokens); the memory carries what lies before the segment.
+    Every block attends causally over the segment with :class:`LocalAttention`
+    (normalised q/k with a learned per-head scale, rotary positions, and with
+    ``xl_cache=True`` the previous segment too). With a ``memory``, block
+    ``knn_layer`` (default ``depth - 2``, near the top as in the paper) is a
+    :class:`KNNAttention` instead; with ``memory=None`` the model is the same
+    minus the memory: the baseline, which :meth:`add_memory` turns into the
+    memory model keeping every trained weight (the paper's retrofitting).
+    Block ``knn_layer`` never has rotary positions, memory or not: the
+    memory keeps keys without positions, so a query must match a key the
+    same way in the segment and in the memory (rotary q.k mixes content and
+    distance, and a match learnt locally would not carry over).
+
+    Feed a document segment by segment, passing ``doc_start`` [B] bool for the
+    rows whose document starts with this segment; :func:`reset_memories`
+    forgets every memory and cache.
 
     Args:
         vocab_size, dim, depth, num_heads: model sizes (head_dim = dim // num_heads).
-        memory: a ``kvmemory.Memory`` or a dict of its arguments (see KNNAttention).
-        k: neighbours per query. tie_embeddings: output head shares the embedding.
-        **knn_options: passed to KNNAttention (normalize_qk, xl_cache, gate_init, ...).
+        memory: a ``kvmemory.Memory``, a dict of its arguments (see KNNAttention), or None.
+        k: neighbours per query. gate_init: initial memory gate bias (see KNNAttention).
+        knn_layer: the block that gets the memory.
+        tie_embeddings: the output head shares the embedding matrix.
+        init_std: standard deviation of the initial linear and embedding
+            weights (residual output projections get init_std / sqrt(2 depth)).
+        **attention_options: LocalAttention options for every block
+            (normalize_qk, init_scale, xl_cache, rotary (default True here), bias).
     """
 
     def __init__(self, vocab_size: int, dim: int = 256, depth: int = 6, num_heads: int = 4,
-                 memory=None, k: int = 32, knn_layer: int | None = None, max_len: int = 2048,
-                 tie_embeddings: bool = True, mlp_ratio: int = 4, **knn_options):
+                 memory=None, k: int = 32, knn_layer: int | None = None, gate_init: float = 0.0,
+                 tie_embeddings: bool = True, mlp_ratio: int = 4, init_std: float = 0.02, **attention_options):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        head_dim = dim // num_heads
+        self.head_dim = dim // num_heads
         self.knn_layer = max(depth - 2, 0) if knn_layer is None else knn_layer
         if not 0 <= self.knn_layer < depth:
             raise ValueError(f"knn_layer must be in [0, {depth}), got {knn_layer}")
-        memory = {"capacity": 8192} if memory is None else memory
-        self.max_len = max_len
+        self.attention_options = {"rotary": True, **attention_options}
         self.embed = nn.Embedding(vocab_size, dim)
-        self.position = nn.Embedding(max_len, dim)
         self.blocks = nn.ModuleList(
-            Block(dim, KNNAttention(dim, num_heads, head_dim, memory, k=k, **knn_options)
-                  if i == self.knn_layer else CausalSelfAttention(dim, num_heads, head_dim), mlp_ratio)
+            Block(dim, LocalAttention(dim, num_heads, self.head_dim, **self._options(i)), mlp_ratio)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        self._init_weights(init_std, depth)
+        if memory is not None:
+            self.add_memory(memory, k=k, gate_init=gate_init)
+
+    def _options(self, block: int) -> dict:
+        """Block ``knn_layer`` has no rotary embedding, memory or not: its q.k must mean the same for the
+        segment and for the memory, which carries no positions (the paper's memory layer has none either)."""
+        return {**self.attention_options, "rotary": False} if block == self.knn_layer else self.attention_options
+
+    def _init_weights(self, std: float, depth: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for out in (block.attention.to_out, block.mlp[2]):
+                nn.init.normal_(out.weight, std=std / math.sqrt(2 * depth))
 
     @property
-    def knn_attention(self) -> KNNAttention:
-        return self.blocks[self.knn_layer].attention
+    def knn_attention(self) -> KNNAttention | None:
+        """The memory layer, or None for a model without memory."""
+        attention = self.blocks[self.knn_layer].attention
+        return attention if isinstance(attention, KNNAttention) else None
+
+    def add_memory(self, memory, k: int = 32, gate_init: float = 0.0) -> KNNAttention:
+        """Give block ``knn_layer`` a memory, keeping its trained attention weights; returns the new layer.
+
+        The KNNAttention starts from the plain layer's projections and scales
+        (same parameter names), with a fresh gate ``sigmoid(gate_init)``: a
+        negative ``gate_init`` starts the retrofitted model close to the
+        model it was. Build the optimizer after this call (the gate is new).
+        """
+        if self.knn_attention is not None:
+            raise ValueError(f"block {self.knn_layer} has a memory already")
+        old = self.blocks[self.knn_layer].attention
+        new = KNNAttention(old.dim, old.num_heads, old.head_dim, memory, k=k, gate_init=gate_init,
+                           **self._options(self.knn_layer))
+        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+        if unexpected or missing != ["gate_bias"]:
+            raise AssertionError(f"weights do not carry over: missing {missing}, unexpected {unexpected}")
+        self.blocks[self.knn_layer].attention = new.to(next(old.parameters()).device)
+        return new
 
     def forward(self, tokens: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] int64 -> logits [B, T, vocab_size]; doc_start [B] bool (see KNNAttention)."""
-        if tokens.dim() != 2 or tokens.shape[1] > self.max_len:
-            raise ValueError(f"tokens must be [batch, tokens <= {self.max_len}], got {tuple(tokens.shape)}")
-        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, doc_start)
         return self.head(self.norm(x))

@@ -9,6 +9,8 @@ from reference import true_scores
 
 # backends whose results must equal the exact top-k (ties aside)
 EXACT_BACKENDS = {"exact", "torch", "jax", "test-segmented"}
+# ids are int64 but for jax, whose ids are int32 (stream positions modulo 2**31) so that x64 can stay off
+ID_DTYPES = {"jax": np.int32}
 
 
 def to_numpy(x):
@@ -19,11 +21,11 @@ def to_numpy(x):
     return np.asarray(x)
 
 
-def check_result(res, ref, queries, k, exact, atol=1e-4):
+def check_result(res, ref, queries, k, exact, atol=1e-4, id_dtype=np.int64):
     """Check a SearchResult against ReferenceMemory ``ref`` for queries [B, T, H, D]."""
     keys, values, scores, ids, mask = (to_numpy(a) for a in res)
     B, T, H, D = queries.shape
-    assert ids.shape == (B, T, H, k) and ids.dtype == np.int64
+    assert ids.shape == (B, T, H, k) and ids.dtype == id_dtype
     assert mask.shape == (B, T, H, k) and mask.dtype == bool
     assert scores.shape == (B, T, H, k) and scores.dtype == np.float32
     assert keys.shape == (B, T, H, k, D)
@@ -58,11 +60,14 @@ def check_result(res, ref, queries, k, exact, atol=1e-4):
                     np.testing.assert_allclose(got_scores, best, rtol=1e-4, atol=atol)
 
 
-def assert_matches_exact(exact, res_exact, got, tol=1e-5):
+def assert_matches_exact(exact, res_exact, got, tol=1e-5, id_dtype=np.int64):
     """``got`` (keys, values, scores, ids, mask as numpy) is the exact backend's top-k: masks, scores,
-    ids (ties aside), and each id's stored entry from ``exact``'s ring."""
+    ids (ties aside; ``id_dtype`` int32: the exact ids modulo 2**31), and each id's stored entry from ``exact``'s ring."""
     keys, values, scores, ids, mask = got
-    assert scores.dtype == np.float32 and ids.dtype == np.int64 and mask.dtype == bool
+    assert scores.dtype == np.float32 and ids.dtype == id_dtype and mask.dtype == bool
+    if id_dtype == np.int32:  # each id modulo 2**31 as the one live stream position it stands for
+        last = exact.backend.counts()[:, None, None, None] - 1
+        ids = np.where(mask, last - ((last - ids.astype(np.int64)) % 2**31), -1)
     np.testing.assert_array_equal(mask, res_exact.mask)
     np.testing.assert_allclose(scores, res_exact.scores, rtol=tol, atol=tol)
     differ = ids != res_exact.ids

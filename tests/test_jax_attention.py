@@ -154,7 +154,7 @@ def test_host_backend_through_bridge_matches_jax_backend():
     assert bare.keys is None and np.array_equal(np.asarray(bare.ids), np.asarray(rb.ids))
 
 
-def test_result_to_device_keeps_values_and_dtypes():
+def test_result_to_device_keeps_values_and_ids_become_int32_modulo_the_horizon():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 2**40, (B, 1, H, 3))
     ids[0, 0, 0, 2] = -1
@@ -162,7 +162,9 @@ def test_result_to_device_keeps_values_and_dtypes():
                        values=rng.standard_normal((B, 1, H, 3, 2)).astype(np.float32),
                        scores=rng.standard_normal((B, 1, H, 3)).astype(np.float32), ids=ids, mask=ids >= 0)
     moved = bridge.result_to_device(res)
-    for name in ("keys", "values", "scores", "ids", "mask"):
+    for name in ("keys", "values", "scores", "mask"):
         got = np.asarray(getattr(moved, name))
         assert isinstance(getattr(moved, name), jax.Array) and got.dtype == getattr(res, name).dtype
         np.testing.assert_array_equal(got, getattr(res, name))
+    assert moved.ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(moved.ids), np.where(ids >= 0, ids % 2**31, -1))

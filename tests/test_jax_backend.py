@@ -10,7 +10,8 @@ import jax.numpy as jnp  # noqa: E402
 import kvmemory  # noqa: E402
 from checks import assert_matches_exact, replay_against_exact, saved_header  # noqa: E402
 import kvmemory.backends.base  # noqa: E402
-from kvmemory_jax import JaxBackend, ring  # noqa: E402
+from kvmemory_jax import JaxBackend  # noqa: E402
+from kvmemory_jax.retrieve import plan_blocks  # noqa: E402
 
 B, H, C, DK, DV, TQ = 3, 2, 32, 16, 5, 4   # TQ: query tokens of every search (one compile per k)
 
@@ -38,7 +39,7 @@ def queries(rng):
 def assert_matches(exact, res_exact, res_jax, tol=1e-5):
     """Same top-k as the exact backend: masks, scores, ids (ties aside), and each id's stored entry."""
     assert all(isinstance(x, jax.Array) for x in res_jax)
-    assert_matches_exact(exact, res_exact, tuple(np.asarray(x) for x in res_jax), tol)
+    assert_matches_exact(exact, res_exact, tuple(np.asarray(x) for x in res_jax), tol, id_dtype=np.int32)
 
 
 @pytest.mark.parametrize("metric, tiling", [(metric, tiling) for metric in kvmemory.METRICS for tiling in (None, "cols")]
@@ -57,10 +58,10 @@ def test_matches_exact_through_fifo_clears_and_large_k(metric, tiling):
 def test_tiling_plans():
     """The TILED options really take the multi-tile paths (a shifted last tile, query-token chunks)."""
     G = B * H
-    assert ring.plan_blocks(G, TQ, C, 9, TILED["cols"]["block_bytes"]) == (12, TQ)
-    assert ring.plan_blocks(G, TQ, C, 9, TILED["rows"]["block_bytes"]) == (9, 1)
-    assert ring.plan_blocks(G, TQ, C, 18, TILED["bf16"]["block_bytes"]) == (20, TQ)
-    assert ring.plan_blocks(G, TQ, C, 9, 256 << 20) == (C, TQ)
+    assert plan_blocks(G, TQ, C, 9, TILED["cols"]["block_bytes"]) == (12, TQ)
+    assert plan_blocks(G, TQ, C, 9, TILED["rows"]["block_bytes"]) == (9, 1)
+    assert plan_blocks(G, TQ, C, 18, TILED["bf16"]["block_bytes"]) == (20, TQ)
+    assert plan_blocks(G, TQ, C, 9, 256 << 20) == (C, TQ)
 
 
 def test_bfloat16_scan_is_rescored_in_float32():
@@ -120,18 +121,26 @@ def test_empty_memory_empty_query_and_no_entries():
     assert bare.keys is None and bare.values is None and bool(bare.mask.all())
 
 
-def test_ids_beyond_int32_and_x64_left_off():
-    """Counts and ids are int64 on the device, whatever the caller's jax_enable_x64."""
+def test_ids_wrap_at_the_horizon_and_counts_stay_exact():
+    """int32 ids are stream positions modulo 2**31; counts, slots and live entries stay exact across the wrap."""
     rng = np.random.default_rng(5)
     exact, mem = pair("l2")
     exact.add(*entries(rng, C))
-    state = dict(exact.backend.state_dict(), counts=np.array([2**33 + 5, 7, 2**31], np.int64))
+    state = dict(exact.backend.state_dict(), counts=np.array([2**33 + 5, 2**31 - 3, 2**31], np.int64))
     exact.backend.load_state_dict(state)
     mem.backend.load_state_dict(state)
     q = queries(rng)
-    res = mem.search(q, 9)
-    assert_matches(exact, exact.search(q, 9), res)
-    assert np.asarray(res.ids).max() > 2**33
+    for step in range(3):           # row 1 crosses the horizon on the first add
+        res = mem.search(q, 40)
+        assert_matches(exact, exact.search(q, 40), res)
+        ids = np.asarray(res.ids)
+        assert ids.dtype == np.int32 and ids[np.asarray(res.mask)].min() >= 0
+        k, v = entries(rng, 5)
+        exact.add(k, v)
+        mem.add(k, v)
+        np.testing.assert_array_equal(mem.backend.counts(), exact.backend.counts())
+    assert set(np.asarray(mem.search(q, 40).ids)[1].ravel()) >= {0, 2**31 - 1}   # both sides of the wrap
+    assert mem.backend.counts().tolist() == [2**33 + 20, 2**31 + 12, 2**31 + 15]
     assert not jax.config.jax_enable_x64
 
 
@@ -169,7 +178,8 @@ def test_save_load_round_trip_and_exchange_with_exact(tmp_path):
     path = tmp_path / "mem.kvm"
     mem.save(path)
     assert saved_header(path)["options"] == {"device": "cpu:0", "score_dtype": "bfloat16", "block_bytes": 4096,
-                                 "check_finite": True, "rescore_factor": 3}
+                                             "check_finite": True, "rescore_factor": 3, "method": "exact",
+                                             "recall_target": 0.95}
     loaded = kvmemory.Memory.load(path, device="cpu")
     assert loaded.backend_name == "jax" and loaded.options == mem.options
     q = queries(rng)
@@ -249,13 +259,13 @@ def test_check_finite_off_skips_the_check():
     assert JaxBackend.build_options["check_finite"] is True
 
 
-def test_counts_array_survives_later_adds_and_clears():
-    """The ring's own counts buffer is donated by add and clear: counts_array must hand out a copy."""
+def test_size_array_survives_later_adds_and_clears():
+    """add and clear donate the state's buffers: size_array must not alias them."""
     rng = np.random.default_rng(9)
     _, mem = pair("ip")
     mem.add(*entries(rng, 3))
-    counts = mem.backend.counts_array()
+    size = mem.backend.size_array()
     mem.add(*entries(rng, 2))
     mem.clear([0])
-    assert np.asarray(counts).tolist() == [3] * B and counts.dtype == jnp.int64
+    assert np.asarray(size).tolist() == [3] * B and size.dtype == jnp.int32
     assert mem.size.tolist() == [0] + [5] * (B - 1)

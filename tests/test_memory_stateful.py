@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import kvmemory
-from checks import EXACT_BACKENDS, check_result, to_numpy
+from checks import EXACT_BACKENDS, ID_DTYPES, check_result, to_numpy
 from conftest import backend_options, installed_backends
 from reference import ReferenceMemory
 
@@ -57,7 +57,8 @@ class MemoryMachine(RuleBasedStateMachine):
     def search(self, tokens, k, integers):
         queries = self._array(tokens, DIM, integers)
         res = self.mem.search(queries, k=k)
-        check_result(res, self.ref, queries, k, exact=self.backend in EXACT_BACKENDS)
+        check_result(res, self.ref, queries, k, exact=self.backend in EXACT_BACKENDS,
+                     id_dtype=ID_DTYPES.get(self.backend, np.int64))
 
     @rule(data=st.data())
     def clear(self, data):

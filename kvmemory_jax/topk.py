@@ -1,0 +1,69 @@
+"""Top-m selection along the last axis: exact, ``lax.approx_max_k``, or portable bins.
+
+``method``:
+
+* ``"exact"`` - ``lax.top_k``.
+* ``"approx_max_k"`` - ``lax.approx_max_k(recall_target=...)``: the TPU's
+  fast approximate top-k. XLA implements it as an approximation on TPU
+  only; on CPU and GPU it falls back to the exact top-k (same results, no
+  speed-up).
+* ``"bins"`` - the same idea in plain XLA ops, approximate on every
+  backend: the n columns are dealt into M bins (column c into bin c % M),
+  each bin keeps its best column, and the best m of the M bin maxima are
+  returned. A true top-m column is lost only when a better one shares its
+  bin; M is the smallest number of bins whose expected recall
+  ((M - 1) / M) ** (m - 1) reaches ``recall_target`` (the sizing rule of
+  XLA's approximate top-k), rounded up to a power of two (aligned tiles;
+  recall only rises). Striding keeps a partly filled ring's live prefix
+  spread over all bins. Only the m picked bins look for their best column
+  (an argmax over m, not M, bins).
+
+Every method returns (values, indices), best first; approximate methods
+may put a worse column in place of a better one (a recall loss), never an
+index outside [0, n).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+METHODS = ("exact", "approx_max_k", "bins")
+
+
+def num_bins(n: int, m: int, recall_target: float) -> int:
+    """Bins (a power of two, or n itself: exact) for an expected recall@m of ``recall_target`` over n columns."""
+    if recall_target >= 1 or m <= 1:
+        return n if m > 1 else 1
+    bins = max(math.ceil(1 / (1 - recall_target ** (1 / (m - 1)))), m)
+    return min(n, 1 << (bins - 1).bit_length())
+
+
+def select(x: jax.Array, m: int, method: str = "exact", recall_target: float = 0.95):
+    """(values, indices) [..., m] of the m largest of x [..., n] along the last axis (m <= n)."""
+    if method == "exact":
+        return lax.top_k(x, m)
+    if method == "approx_max_k":
+        return lax.approx_max_k(x, m, recall_target=recall_target)
+    if method == "bins":
+        return binned_top_k(x, m, recall_target)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def binned_top_k(x: jax.Array, m: int, recall_target: float):
+    """Approximate top-m of x [..., n]: the best of each of ``num_bins`` strided bins, then their exact top-m."""
+    n = x.shape[-1]
+    bins = num_bins(n, m, recall_target)
+    if bins >= n:
+        return lax.top_k(x, m)
+    rows = -(-n // bins)
+    pad = rows * bins - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    x = x.reshape(*x.shape[:-1], rows, bins)                  # column r * bins + b -> [r, b]
+    values, picked = lax.top_k(jnp.max(x, -2), m)              # the m best bins, by their maxima
+    columns = jnp.take_along_axis(x, jnp.broadcast_to(picked[..., None, :], (*x.shape[:-2], rows, m)), -1)
+    return values, (jnp.argmax(columns, -2) * bins + picked).astype(jnp.int32)
