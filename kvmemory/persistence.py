@@ -16,6 +16,8 @@ import zlib
 
 import numpy as np
 
+from .atomic import atomic_open
+
 FORMAT = "kvmemory"
 VERSION = 1
 HEADER = "__kvmemory__"
@@ -32,17 +34,8 @@ def save(path, memory) -> None:
         "crc32": {name: _crc(arr) for name, arr in arrays.items()},
     }
     arrays[HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def _crc(arr: np.ndarray) -> int:

@@ -36,6 +36,8 @@ import shutil
 
 import torch
 
+from kvmemory.atomic import atomic_open
+
 from ..common import environment, log
 from . import corpus as corpora
 from . import report
@@ -127,10 +129,8 @@ class Experiment:
         if copy_zero_shot:
             run["copy_eval"] = evaluate(model, self.copy_eval, p.batch, p.seg_len, p.device)
         log(f"[lm_memory] {spec.name}: held-out {run['eval']['bits_per_byte']:.4f} bits/byte")
-        tmp = cached + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(cached, "w") as f:
             json.dump({"identity": identity, "run": run}, f)
-        os.replace(tmp, cached)
         return run
 
     def copy_task(self) -> list:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kvmemory
+from kvmemory.atomic import atomic_open
 from kvmemory_torch import MemorizingTransformer, reset_memories
 
 from .corpus import fingerprint
@@ -100,9 +101,8 @@ def _schedule(optimizer, steps: int, warmup: int):
 
 
 def _save(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def run_dir(work_dir: str, spec: RunSpec) -> str:

@@ -31,6 +31,8 @@ import zlib
 
 import numpy as np
 
+from ..atomic import atomic_open, fsync_dir
+
 FORMAT = "kvmemory.retro"
 SHARD_FORMAT = "kvmemory.retro.shard"
 VERSION = 1
@@ -40,32 +42,10 @@ SHARD_ARRAYS = ("tokens", "lengths", "doc_ids", "positions", "embeddings", "docs
 
 
 # -- atomic writes -----------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name in the same directory, then rename."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -195,7 +175,7 @@ def commit_shard(store: str, name: str, tmp: str) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         raise
-    _fsync_dir(shards_dir(store))
+    fsync_dir(shards_dir(store))
     return True
 
 

@@ -62,7 +62,7 @@ def test_killed_build_resumes_skipping_finished_shards(tmp_path):
     assert again.calls == n_shards - 2
     assert report["shards_skipped"] == ["shard-00000", "shard-00001"]
     assert not any(n.startswith(".tmp") for n in os.listdir(path / "shards"))
-    (db, tokens, emb, (docs_of, pos)), (_, tokens0, emb0, (docs0, pos0)) = arrays(path), arrays(ref)
+    (_, tokens, emb, (docs_of, pos)), (_, tokens0, emb0, (docs0, pos0)) = arrays(path), arrays(ref)
     assert np.array_equal(tokens, tokens0) and np.array_equal(emb, emb0)
     assert np.array_equal(docs_of, docs0) and np.array_equal(pos, pos0)
     # a finished store built again from the same documents does nothing

@@ -45,7 +45,6 @@ def test_sharded_exact_search_with_exclusion_is_one_exact_index(tmp_path_factory
 
 def test_exclusion_is_a_filter_not_skip_first(tmp_path):
     # one document whose chunks are all near the query: a "drop the first hit" filter would return the rest
-    rng = np.random.default_rng(0)
     db, _ = make_db(tmp_path, [40, 40, 40], 100)
     target = db.doc_chunks(1)
     q = db.embeddings(target[:1])
