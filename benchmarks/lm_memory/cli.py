@@ -15,7 +15,8 @@ Runs, in order, each trained with the same budget (steps x batch x segment):
    memory of N tokens + XL, exact search, for each size; (d) mem-N-<backend>:
    the best size with an approximate backend; (e) retrofit: (a)'s weights
    plus a memory (best size, no XL, as (a) had none), fine-tuned for
-   ``retrofit_steps``, against (a) continued for as many steps.
+   ``retrofit_steps``, against (a) continued for as many steps. Prose runs
+   (a), (b) and (c) at ``prose_memory_sizes`` only.
    Every model is evaluated on the held-out documents of its corpus and,
    zero-shot, on the copy-task documents.
 
@@ -157,11 +158,9 @@ class Experiment:
 
         runs = [self.run(spec("none"), "none", train_docs, eval_docs),
                 self.run(spec("xl", xl=True), "xl", train_docs, eval_docs)]
-        for size in p.memory_sizes:
-            label = f"mem-{report.size_label(size)}"
-            if name != "code" and label not in p.prose_configs and "mem" not in p.prose_configs:
-                continue
-            runs.append(self.run(spec(label, memory=size, backend=exact, xl=True), "memory", train_docs, eval_docs))
+        for size in p.memory_sizes if name == "code" else p.prose_memory_sizes:
+            runs.append(self.run(spec(f"mem-{report.size_label(size)}", memory=size, backend=exact, xl=True),
+                                 "memory", train_docs, eval_docs))
         best = min((r for r in runs if r["kind"] == "memory"), key=lambda r: r["eval"]["bits_per_byte"], default=None)
         if best is None or name != "code":
             return runs, data

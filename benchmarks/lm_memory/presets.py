@@ -26,8 +26,8 @@ class Preset:
     # configurations
     memory_sizes: tuple = (1024, 4096, 16384, 65536)
     approx_backend: str = "faiss"
-    corpora: tuple = ("code",)  # "prose" is added when its package is installed and the preset lists it
-    prose_configs: tuple = ("none", "xl", "mem")   # which configurations also run on prose
+    corpora: tuple = ("code",)  # "prose" runs when its package is installed and the preset lists it
+    prose_memory_sizes: tuple = (16384,)   # prose runs none, xl and these memory sizes (no (d), (e))
     # data
     min_doc_bytes: int = 20_000
     held_out_fraction: float = 0.1
@@ -54,7 +54,7 @@ PRESETS = {
     "quick": Preset(
         name="quick", dim=64, depth=2, heads=2, seg_len=64, batch=4, k=8,
         steps=30, lr=2e-3, warmup=5, retrofit_steps=10, ckpt_every=10,
-        memory_sizes=(256, 1024), eval_bytes=12_000, eval_max_doc_bytes=3_000, train_max_doc_bytes=4_000,
+        memory_sizes=(256, 1024), prose_memory_sizes=(1024,), eval_bytes=12_000, eval_max_doc_bytes=3_000, train_max_doc_bytes=4_000,
         copy_steps=30, copy_length=1024, copy_passage=16, copy_gap=(256, 512),
         copy_eval_docs=2, copy_memory=512, corpora=("code", "prose"),
     ),
