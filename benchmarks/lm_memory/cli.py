@@ -191,6 +191,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     torch.set_flush_denormal(True)
+    if preset.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -203,6 +205,7 @@ def main(argv=None) -> dict:
         runs, data = exp.corpus(name)
         results["corpora"][name] = data
         results["runs"].extend(runs)
+    results["environment"]["load_average_at_end"] = list(os.getloadavg())
     report.table(results)
     suffix = "" if preset.name == "default" else "_custom" if preset.name.endswith("-custom") else f"_{preset.name}"
     for path in report.write(results, suffix, args.out_dir):

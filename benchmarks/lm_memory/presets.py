@@ -1,4 +1,7 @@
-"""Sizes of the experiment: ``quick`` (CI smoke test), ``default`` (2 CPU cores, <= 60 min), ``gpu`` (one H100/H200, ~10 min)."""
+"""Sizes of the experiment: ``quick`` (CI smoke test), ``default`` (2 CPU cores, <= 60 min), ``gpu`` (one H100/H200, ~10 min).
+
+The gpu preset is sized from FLOP counts and has not run on a GPU yet.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ class Preset:
                               # them no copying circuit forms within these budgets (copy task, both ways)
     # training (the same budget for every configuration)
     steps: int = 1000
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 100
     retrofit_steps: int = 250  # (e): fine-tuning steps of the retrofit, and of (a) continued
     ckpt_every: int = 100
@@ -60,14 +63,14 @@ PRESETS = {
     ),
     "default": Preset(
         name="default", dim=256, depth=4, heads=4, seg_len=256, batch=8,
-        steps=1000, lr=1e-3, warmup=100, retrofit_steps=250, ckpt_every=100,
-        memory_sizes=(1024, 4096, 16384, 65536), eval_bytes=400_000,
-        copy_steps=300, corpora=("code", "prose"),
+        steps=450, lr=3e-3, warmup=100, retrofit_steps=120, ckpt_every=50,
+        memory_sizes=(1024, 4096, 16384, 65536), eval_bytes=250_000,
+        copy_steps=800, corpora=("code", "prose"),
     ),
     "gpu": Preset(
         name="gpu", dim=512, depth=8, heads=8, seg_len=512, batch=16,
-        steps=4000, lr=6e-4, warmup=300, retrofit_steps=1000, ckpt_every=500,
-        memory_sizes=(1024, 4096, 16384, 65536), approx_backend="faiss", eval_bytes=2_000_000,
-        copy_steps=500, corpora=("code", "prose"), device="cuda",
+        steps=1200, lr=1e-3, warmup=150, retrofit_steps=300, ckpt_every=200,
+        memory_sizes=(1024, 4096, 16384, 65536), approx_backend="faiss", eval_bytes=1_000_000,
+        copy_steps=1500, corpora=("code", "prose"), device="cuda",
     ),
 }
