@@ -79,8 +79,8 @@ def run(directory, rows=slice(None), rank=None, world_size=None, backend="exact"
             "params": {n: p.detach().clone() for n, p in kd.unwrap(model).named_parameters()}}
 
 
-def worker(rank, world_size, directory, backend):
-    """One DDP rank (gloo, CPU): trains on its rows, writes its record to directory/record<rank>.pt."""
+def worker(rank, world_size, directory, backends):
+    """One DDP rank (gloo, CPU): per backend, trains on its rows and writes directory/<backend>/record<rank>.pt."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -88,13 +88,15 @@ def worker(rank, world_size, directory, backend):
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'rendezvous')}",
                             rank=rank, world_size=world_size)
     try:
-        rows = kd.rank_rows(GLOBAL_BATCH)
-        record = run(os.path.join(directory, "checkpoint"), rows, backend=backend, wrap=DistributedDataParallel)
-        losses = torch.tensor([record["losses"], record["resumed"] + [0.0] * SAVE_AT])
-        dist.all_reduce(losses)         # per-token mean over the global batch (every rank has as many rows)
-        record["global_losses"] = (losses[0] / world_size).tolist()
-        record["global_resumed"] = (losses[1, :STEPS - SAVE_AT] / world_size).tolist()
-        record["rows"] = rows
-        torch.save(record, os.path.join(directory, f"record{rank}.pt"))
+        for backend in backends:
+            out = os.path.join(directory, backend)
+            rows = kd.rank_rows(GLOBAL_BATCH)
+            record = run(os.path.join(out, "checkpoint"), rows, backend=backend, wrap=DistributedDataParallel)
+            losses = torch.tensor([record["losses"], record["resumed"] + [0.0] * SAVE_AT])
+            dist.all_reduce(losses)     # per-token mean over the global batch (every rank has as many rows)
+            record["global_losses"] = (losses[0] / world_size).tolist()
+            record["global_resumed"] = (losses[1, :STEPS - SAVE_AT] / world_size).tolist()
+            record["rows"] = rows
+            torch.save(record, os.path.join(out, f"record{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ run identically.
 """
 
 import os
+import sys
 
 import pytest
 
@@ -27,17 +28,44 @@ def close(a, b, what):
     torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), **TOL, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-@pytest.mark.parametrize("backend", ["exact", "torch"])
-def test_ddp_equals_single_process(tmp_path, backend):
+BACKENDS = ("exact", "torch")
+#: libraries whose threads make a plain fork of the test process unsafe
+THREADED = ("jax", "ray", "tensorflow")
+
+
+def start_method(mp) -> str:
+    """fork when the test process is safe to fork (ranks start with torch imported: ~1 s); else forkserver
+    (one fresh server imports torch, then forks the ranks), else spawn (re-imports torch per rank, ~10 s
+    each on a loaded machine)."""
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and not any(name in sys.modules for name in THREADED):
+        return "fork"
+    if "forkserver" in methods:
+        mp.get_context("forkserver").set_forkserver_preload(["ddp_run"])
+        return "forkserver"
+    return "spawn"
+
+
+@pytest.fixture(scope="module")
+def ddp_records(tmp_path_factory):
+    """{backend: (single-process record, [record of rank r])}: one process on the global batch, then one
+    2-rank gloo run (both backends in one process group). The single runs go first: with fork the ranks
+    then start with torch's lazy initialisation done."""
     import torch.multiprocessing as mp
 
-    single = ddp_run.run(tmp_path / "single", backend=backend)
-    # fork: the ranks start with torch imported (spawn re-imports it, ~10 s each on a loaded machine)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(ddp_run.worker, args=(WORLD, str(tmp_path), backend), nprocs=WORLD, join=True,
-                       start_method=method)
-    records = [torch.load(tmp_path / f"record{r}.pt", weights_only=False) for r in range(WORLD)]
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    directory = tmp_path_factory.mktemp("ddp")
+    singles = {b: ddp_run.run(directory / "single" / b, backend=b) for b in BACKENDS}
+    mp.start_processes(ddp_run.worker, args=(WORLD, str(directory), BACKENDS), nprocs=WORLD, join=True,
+                       start_method=start_method(mp))
+    return {b: (singles[b], [torch.load(directory / b / f"record{r}.pt", weights_only=False) for r in range(WORLD)])
+            for b in BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_equals_single_process(ddp_records, backend):
+    single, records = ddp_records[backend]
 
     # the single run resumes from its checkpoint exactly (per-rank files with world_size 1)
     close(single["resumed"], single["losses"][ddp_run.SAVE_AT:], "single-process resumed losses")
