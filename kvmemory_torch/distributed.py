@@ -133,19 +133,20 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     layers get the loaded memories (``Memory.load(path, **memory_overrides)``,
     e.g. ``device="cuda:1"`` for a torch-backend memory moving GPU) and every
     attention layer its XL cache, moved by ``map_location``. The model must
-    have the checkpoint's architecture and the run the checkpoint's world size.
+    have the checkpoint's architecture and the run the checkpoint's world size. Files are read with
+    ``torch.load(weights_only=True)``: ``extra`` may hold tensors, numbers, strings, lists and dicts.
     """
     rank, world_size = _world(rank, world_size)
     model = unwrap(model)
     saved = torch.load(os.path.join(os.fspath(directory), MODEL_FILE), map_location=map_location,
-                       weights_only=False)
+                       weights_only=True)
     if saved["world_size"] != world_size:
         raise ValueError(f"checkpoint {os.fspath(directory)!r} was written by {saved['world_size']} ranks, "
                          f"this run has world_size={world_size}: each rank's memories hold its own rows")
     state_path = os.path.join(_rank_dir(directory, rank), STATE_FILE)
     if not os.path.exists(state_path):
         raise FileNotFoundError(f"checkpoint {os.fspath(directory)!r} has no state for rank {rank} ({state_path})")
-    state = torch.load(state_path, map_location=map_location, weights_only=False)
+    state = torch.load(state_path, map_location=map_location, weights_only=True)
     knn = [m for m in model.modules() if isinstance(m, KNNAttention)]
     local = [m for m in model.modules() if isinstance(m, LocalAttention)]
     if len(knn) != len(state["memories"]) or len(local) != len(state["caches"]):
