@@ -11,6 +11,7 @@ import os
 import sys
 
 import pytest
+from hypothesis import given, strategies as st
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -86,6 +87,14 @@ def test_ddp_equals_single_process(ddp_records, backend):
             close(rec["resumed_memory"][name], rec["final_memory"][name], f"rank {rank}: resumed memory {name}")
     # the two ranks' memories are not trivially equal (else the row checks above prove nothing)
     assert not torch.allclose(records[0]["final_memory"]["keys"], records[1]["final_memory"]["keys"])
+
+
+@given(world=st.integers(1, 8), per=st.integers(1, 16))
+def test_rank_rows_partition_the_batch(world, per):
+    """Every row belongs to exactly one rank, in order, and every rank has as many rows."""
+    blocks = [range(world * per)[kd.rank_rows(world * per, r, world)] for r in range(world)]
+    assert [i for b in blocks for i in b] == list(range(world * per))
+    assert {len(b) for b in blocks} == {per}
 
 
 def test_rank_rows():
