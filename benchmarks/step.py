@@ -45,8 +45,8 @@ into a temporary folder, imports it as ``kvmemory_baseline`` and adds its
 exact backend as ``exact@REV``: old and new measured side by side, interleaved.
 
 Writes ``results/step.json`` and ``results/step.png`` (``--quick``:
-``step_quick.*``, gitignored) and prints a table. ``main(argv)`` is what
-``python -m benchmarks`` calls.
+``step_quick.*``, gitignored; ``--tag T``: ``step_T.*``) and prints a
+table. ``main(argv)`` is what ``python -m benchmarks`` calls.
 """
 
 from __future__ import annotations
@@ -293,6 +293,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="capacity 2,048, 2 rounds: well under a minute")
     p.add_argument("--note", default=None, help="free text stored in the JSON (e.g. how the machine was loaded)")
+    p.add_argument("--tag", default=None, help="write step_TAG.json / .png (a run with other flags beside the default)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     caps = args.capacities or ",".join(map(str, QUICK_CAPACITIES if args.quick else CAPACITIES))
@@ -308,7 +309,7 @@ def parse(argv=None):
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    args.suffix = "_quick" if args.quick else ""
+    args.suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     return args
 
 

@@ -21,7 +21,15 @@ Indices with more valid keys than fit in ``block_bytes`` (with at least
 ``MIN_TILE_QUERIES`` queries) are split into column chunks whose top-k are
 merged. Tiles of (index, queries) run on a thread pool when given one (numpy
 releases the GIL in matmul, reductions, partitions and takes); each worker
-owns one score buffer for all its tiles.
+owns one score buffer for all its tiles. Large searches hold BLAS to one
+thread while they run (through threadpoolctl, if installed: extra ``fast``):
+a multi-threaded BLAS woken for each small matmul thrashes, and more so on a
+loaded machine. Without threadpoolctl a search runs on the calling thread.
+
+Measured against the previous kernel (one 64 MiB score block per pair of
+indices, selection over the block out of cache), 32 indices x 512 queries x
+16,384 keys, one thread: 0.55-0.72 s vs 0.96-1.08 s; the matmul alone
+(~110 GFLOP/s here) is 0.31 s of it.
 """
 
 from __future__ import annotations
