@@ -338,6 +338,8 @@ class TorchBackend(Backend):
                                 min(self.options["block_bytes"], 64 << 20),
                                 lambda fn, items: list(self._pool.map(fn, items)), self._threads)
         slots = torch.from_numpy(slots)
+        if slots.shape[-1] < m:  # n_max is an upper bound (no host sync on clear); the rows hold fewer
+            slots = torch.cat([slots, slots.new_full((G, T, m - slots.shape[-1]), -1)], -1)
         return torch.where(slots >= 0, slots, C - 1)
 
     def _gather(self, store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
