@@ -36,7 +36,8 @@ from .train import token_bits
 BATCH, SEGMENT, PASSAGE = 8, 32, 16
 
 
-def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int = 0, seed: int = 0) -> dict:
+def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int = 0, dconv: int = 0,
+        seed: int = 0) -> dict:
     """Train one tiny model on the copy task scaled to ``capacity`` and evaluate it on held-out documents."""
     length = 2 * capacity
     task = dict(passage=PASSAGE, gap=(3 * capacity // 8, 3 * capacity // 4), near_gap=(PASSAGE, 3 * PASSAGE),
@@ -46,7 +47,7 @@ def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int 
     torch.manual_seed(seed)
     options = {"capacity": capacity, "batch_size": BATCH, "backend": "exact"} if memory else None
     model = MemorizingTransformer(256, dim=64, depth=depth, num_heads=2, memory=options, k=8, knn_layer=knn_layer,
-                                  xl_cache=True, smear_keys=True)
+                                  xl_cache=True, smear_keys=True, dconv=dconv)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     stream = TrainStream(train, BATCH, SEGMENT, seed=seed)
     start = time.perf_counter()
@@ -56,7 +57,8 @@ def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int 
         (bits.sum() / valid.sum() * math.log(2)).backward()
         optimizer.step()
     result = evaluate(model, held_out, BATCH, SEGMENT, "cpu")
-    return {"capacity": capacity, "memory": memory, "depth": depth, "knn_layer": knn_layer, "steps": steps,
+    return {"capacity": capacity, "memory": memory, "depth": depth, "knn_layer": knn_layer, "dconv": dconv,
+            "steps": steps,
             "far_bits_per_byte": result["copied_bits_per_byte"],
             "near_bits_per_byte": result["near_copied_bits_per_byte"],
             "fresh_bits_per_byte": result["other_bits_per_byte"], "seconds": time.perf_counter() - start}
