@@ -120,11 +120,11 @@ def test_replay_rebuilds_the_memory_of_documents_in_progress():
     assert torch.allclose(xl_w[0][rows], xl_g[0][rows], atol=1e-5) and xl_g[2][rows].all()
 
 
-@pytest.mark.parametrize("smear_keys", [False, True])
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, smear_keys):
-    # without caches across segments the resumed run is the same run, bit for bit; smeared keys keep the
-    # previous segment's last key, which the replay recomputes with the checkpoint's weights: close, not equal
-    preset = dataclasses.replace(PRESETS["quick"], ckpt_every=2, smear_keys=smear_keys)
+@pytest.mark.parametrize("carried", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, carried):
+    # without state across segments the resumed run is the same run, bit for bit; smeared keys and dconv keep
+    # the previous segment's last keys/tokens, which the replay recomputes with the checkpoint's weights: close
+    preset = dataclasses.replace(PRESETS["quick"], ckpt_every=2, smear_keys=carried, dconv=3 if carried else 0)
     docs = docs_of(300, 90, 200, 130, 170)
     spec = train_mod.RunSpec("t/none", "t", steps=7, warmup=2)
     _, whole = train_mod.train(preset, spec, docs, str(tmp_path / "a"), show_progress=False)
@@ -148,7 +148,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, s
     got = torch.load(tmp_path / "b" / "t" / "none" / "final.pt", weights_only=False)["model"]
     assert resumed["steps"] == whole["steps"] == 7
     for name, value in want.items():
-        assert torch.equal(got[name], value) if not smear_keys else torch.allclose(got[name], value, atol=1e-3), name
+        assert torch.equal(got[name], value) if not carried else torch.allclose(got[name], value, atol=1e-3), name
 
 
 def test_quick_preset_runs_every_configuration_and_resumes(tmp_path):
