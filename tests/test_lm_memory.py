@@ -94,6 +94,25 @@ def test_eval_stream_reads_every_document_once_and_whole():
     assert got == {i: d.data[1:].tolist() for i, d in enumerate(docs) if len(d) > 1}
 
 
+def test_evaluate_splits_far_copies_by_offset(monkeypatch):
+    from benchmarks.lm_memory import evaluate as evaluate_mod
+    from kvmemory_torch import MemorizingTransformer
+
+    def fake_bits(model, batch, device):      # a byte at offset i of a far copy costs i + 1 bits, others 8
+        offset = torch.as_tensor(batch.copy_offset.astype(np.int64))
+        return torch.where(offset >= 0, offset + 1.0, 8.0), torch.as_tensor(batch.valid)
+
+    monkeypatch.setattr(evaluate_mod, "token_bits", fake_bits)
+    docs = copy_documents(3, 512, seed=4, passage=16, gap=(64, 128), far=0.5, near=0.2)
+    model = MemorizingTransformer(256, dim=16, depth=1, num_heads=2)
+    got = evaluate_mod.evaluate(model, docs, 2, 32, "cpu")
+    assert got["copied_by_offset"] == [i + 1.0 for i in range(16)]
+    offsets = np.concatenate([d.copy_offset[1:] for d in docs])
+    assert got["copied_bytes"] == (offsets >= 0).sum()
+    assert got["copied_bits_per_byte"] == pytest.approx((offsets[offsets >= 0] + 1).mean())
+    assert got["other_bits_per_byte"] == 8.0
+
+
 def test_replay_rebuilds_the_memory_of_documents_in_progress():
     preset = PRESETS["quick"]
     docs = docs_of(300, 90, 200, 130)
