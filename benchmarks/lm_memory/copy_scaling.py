@@ -40,7 +40,7 @@ from .train import token_bits
 BATCH, SEGMENT, PASSAGE = 8, 32, 16
 
 
-def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int = 0, dconv: int = 0,
+def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int = 0, dconv: int = 0, k: int = 8,
         seed: int = 0) -> dict:
     """Train one tiny model on the copy task scaled to ``capacity`` and evaluate it on held-out documents."""
     length = 2 * capacity
@@ -50,7 +50,7 @@ def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int 
     held_out = copy_documents(max(4, 8192 // length), length, seed=seed + 1, **task)
     torch.manual_seed(seed)
     options = {"capacity": capacity, "batch_size": BATCH, "backend": "exact"} if memory else None
-    model = MemorizingTransformer(256, dim=64, depth=depth, num_heads=2, memory=options, k=8, knn_layer=knn_layer,
+    model = MemorizingTransformer(256, dim=64, depth=depth, num_heads=2, memory=options, k=k, knn_layer=knn_layer,
                                   xl_cache=True, smear_keys=True, dconv=dconv)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     stream = TrainStream(train, BATCH, SEGMENT, seed=seed)
@@ -61,7 +61,7 @@ def run(capacity: int, steps: int, memory: bool, depth: int = 1, knn_layer: int 
         (bits.sum() / valid.sum() * math.log(2)).backward()
         optimizer.step()
     result = evaluate(model, held_out, BATCH, SEGMENT, "cpu")
-    return {"capacity": capacity, "memory": memory, "depth": depth, "knn_layer": knn_layer, "dconv": dconv,
+    return {"capacity": capacity, "memory": memory, "depth": depth, "knn_layer": knn_layer, "dconv": dconv, "k": k,
             "steps": steps,
             "far_bits_per_byte": result["copied_bits_per_byte"],
             "near_bits_per_byte": result["near_copied_bits_per_byte"],
