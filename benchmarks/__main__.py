@@ -1,12 +1,7 @@
-"""``python -m benchmarks``: the default, small workload of every benchmark.
+"""``python -m benchmarks``: the default, small workload of the main benchmarks (see benchmarks/cli.py, --help)."""
 
-Exact search speed, add cost and resident size (``benchmarks.exact_speed``),
-then the recall-vs-QPS sweep of every installed backend at capacity 65,536
-(``benchmarks.ann``). Each writes JSON (and the sweep a PNG) to
-benchmarks/results/ and prints its table.
-"""
+import sys
 
-from . import ann, exact_speed
+from .cli import main
 
-exact_speed.main([])
-ann.main([])
+sys.exit(main())

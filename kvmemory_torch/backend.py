@@ -22,10 +22,14 @@ filled without reading ``counts`` back from the device.
 
 from __future__ import annotations
 
+import concurrent.futures
+import math
+
 import numpy as np
 import torch
 
 from kvmemory.backends.base import Backend
+from kvmemory.backends.topk import blocked_topk
 from kvmemory.result import SearchResult
 from kvmemory.validation import FLOAT_DTYPES, check_int_option
 
@@ -57,6 +61,26 @@ def resolve_score_dtype(dtype) -> torch.dtype:
             f"score_dtype must be one of float32, bfloat16, float16 (or a torch dtype), got {dtype!r}"
         )
     return SCORE_DTYPES[dtype]
+
+
+def _block_topk(s: torch.Tensor, m: int):
+    """Top m (unsorted) of s [G, T, W] along W: (values, indices), both [G, T, m].
+
+    Wide blocks go through group maxima: column j is in group ``j % (W / group)``;
+    the m groups with the largest maxima hold every top-m column (one outside them is
+    beaten by m group maxima), so topk runs over W / group maxima and m * group
+    members instead of W scores (amax is ~10x cheaper per score than topk on CPU).
+    """
+    W = s.shape[-1]
+    group = 1 << max(2, round(math.log2(math.sqrt(W / m)))) if W > m else 1
+    if group == 1 or W % group or W < 4 * m * group:
+        return torch.topk(s, m, dim=-1, sorted=False)
+    ngr = W // group
+    maxima = s.view(*s.shape[:-1], group, ngr).amax(dim=-2)                          # [G, T, ngr]
+    top = torch.topk(maxima, m, dim=-1, sorted=False).indices                        # [G, T, m]
+    cols = (top[..., None] + ngr * torch.arange(group, device=s.device)).flatten(-2)  # [G, T, m * group]
+    vals, pick = torch.topk(s.gather(-1, cols), m, dim=-1, sorted=False)
+    return vals, cols.gather(-1, pick)
 
 
 class TorchBackend(Backend):
@@ -105,6 +129,7 @@ class TorchBackend(Backend):
         self.scan_keys = (torch.zeros(B, H, C, config.key_dim, dtype=self.score_dtype, device=self.device)
                           if self.score_dtype != torch.float32 or config.metric == "cosine" else None)
         self._upper = np.zeros(B, np.int64)
+        self._pool = None                                  # CPU scans: threads of the numpy kernel
 
     def check_search_options(self, options: dict) -> dict:
         if "rescore_factor" in options:
@@ -218,7 +243,7 @@ class TorchBackend(Backend):
         n_valid = torch.clamp(self.row_counts, max=C).repeat_interleave(H)  # [G]
         slots = self._scan(q, n_valid, m, n_max)                             # [G,T,m]
         valid = slots < n_valid[:, None, None]
-        scores, cand_keys = self._exact_scores(q, slots)                     # [G,T,m], [G,T,m,D]
+        scores = self._exact_scores(q, slots)                                # [G,T,m]
         scores = scores.masked_fill(~valid, float("-inf"))
         kk = min(k, m)
         scores, order = torch.topk(scores, kk, dim=-1)                       # sorted, best first
@@ -227,23 +252,25 @@ class TorchBackend(Backend):
 
         lo = torch.clamp(self.row_counts - C, min=0).repeat_interleave(H)[:, None, None]
         ids = torch.where(mask, lo + (slots - lo) % C, -1)
-        zero = torch.zeros((), device=self.device)
-        scores = torch.where(mask, scores, zero)
-        keys = values = None
-        if with_entries:
-            keys = cand_keys.gather(2, order[..., None].expand(-1, -1, -1, D))
-            keys = torch.where(mask[..., None], keys, zero)
-            values = torch.where(mask[..., None], self._gather(self.values, slots), zero)
+        scores = scores.masked_fill(~mask, 0.0)
 
-        def out(x):  # [G,T,kk,...] -> [B,T,H,k,...], padded with zeros
+        def out(x):  # [G,T,kk,...] -> [B,T,H,k,...], padded with zeros (ids: -1)
             x = x.reshape(B, H, T, kk, *x.shape[3:]).transpose(1, 2)
             if kk < k:
                 pad = x.new_zeros(B, T, H, k - kk, *x.shape[4:])
                 x = torch.cat([x, pad if x.dtype != torch.int64 else pad - 1], 3)
             return x.contiguous()
 
-        return SearchResult(keys=out(keys) if with_entries else None, values=out(values) if with_entries else None,
-                            scores=out(scores), ids=out(ids), mask=out(mask))
+        keys = values = None
+        if with_entries:
+            # gathered straight into [B,T,H,k] order, so the big results are never transposed or copied
+            flat = out(torch.where(mask, slots, 0) + (torch.arange(B * H, device=self.device) * C)[:, None, None])
+            flat = flat.clamp_(min=0)                                        # padding (-1) reads row 0, masked
+            present = out(mask)[..., None]
+            keys, values = (store.view(-1, store.shape[-1]).index_select(0, flat.view(-1))
+                            .view(*flat.shape, store.shape[-1]).masked_fill_(~present, 0.0)
+                            for store in (self.keys, self.values))
+        return SearchResult(keys=keys, values=values, scores=out(scores), ids=out(ids), mask=out(mask))
 
     def _scan(self, q: torch.Tensor, n_valid: torch.Tensor, m: int, n_max: int) -> torch.Tensor:
         """Slots [G,T,m] of the m best ranked keys among the first n_max, tile by tile.
@@ -253,6 +280,8 @@ class TorchBackend(Backend):
         tile whose per-column bias carries -|k|^2 (l2) and -inf for slots
         >= n_valid[g], which the caller masks.
         """
+        if self.device.type == "cpu" and self.score_dtype == torch.float32:
+            return self._scan_host(q, n_valid, m, n_max)
         G, T, D = q.shape
         C = self.config.capacity
         dtype = self.score_dtype
@@ -277,7 +306,7 @@ class TorchBackend(Backend):
             for c0 in range(0, n_max, col_block):
                 c1 = min(c0 + col_block, n_max)
                 s = torch.baddbmm(bias[..., c0:c1], qt, keys[:, c0:c1].transpose(1, 2), alpha=alpha)
-                top_s, top_i = torch.topk(s, min(m, c1 - c0), dim=-1, sorted=False)
+                top_s, top_i = _block_topk(s, min(m, c1 - c0))
                 top_i += c0
                 if best_s is not None:
                     top_s, top_i = torch.cat([best_s, top_s], -1), torch.cat([best_i, top_i], -1)
@@ -287,27 +316,53 @@ class TorchBackend(Backend):
             parts.append(best_i)
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
+    def _scan_host(self, q: torch.Tensor, n_valid: torch.Tensor, m: int, n_max: int) -> torch.Tensor:
+        """``_scan`` on the CPU in float32: backend "exact"'s numpy kernel over the same memory.
+
+        torch.topk on CPU costs ~3 ns per score, more than the matmul; the numpy kernel
+        (kvmemory/backends/topk.py) selects from group maxima it takes while each score
+        tile is in cache (measured: 2-3x faster searches at 8,192-65,536 entries per
+        (row, head), 32 of them). Slots it leaves empty (-1: a row holds fewer than m)
+        come back as C - 1, which is >= n_valid of such a row, so the caller masks them.
+        """
+        G, T, D = q.shape
+        C = self.config.capacity
+        keys = (self.scan_keys if self.scan_keys is not None else self.keys).view(G, C, D)[:, :n_max].numpy()
+        weight = bias = None
+        if self.config.metric == "l2":
+            weight, bias = np.float32(2.0), self.sqnorms.view(G, C)[:, :n_max].numpy()
+        if self._pool is None:
+            self._threads = max(1, torch.get_num_threads())
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "kvmemory-torch")
+        slots, _ = blocked_topk(np.ascontiguousarray(q.numpy()), keys, n_valid.numpy(), m, weight, bias,
+                                min(self.options["block_bytes"], 64 << 20),
+                                lambda fn, items: list(self._pool.map(fn, items)), self._threads)
+        slots = torch.from_numpy(slots)
+        if slots.shape[-1] < m:  # n_max is an upper bound (no host sync on clear); the rows hold fewer
+            slots = torch.cat([slots, slots.new_full((G, T, m - slots.shape[-1]), -1)], -1)
+        return torch.where(slots >= 0, slots, C - 1)
+
     def _gather(self, store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """store [B,H,C,X] at slots [G,T,m] -> [G,T,m,X]."""
+        """store [B,H,C,X] at slots [G,T,m] -> [G,T,m,X] (one index_select: far faster than gather on CPU)."""
         B, H, C, X = store.shape
         G, T, m = slots.shape
-        idx = slots.reshape(G, T * m, 1).expand(-1, -1, X)
-        return store.view(G, C, X).gather(1, idx).view(G, T, m, X)
+        flat = slots + (torch.arange(G, device=slots.device) * C)[:, None, None]
+        return store.view(G * C, X).index_select(0, flat.view(-1)).view(G, T, m, X)
 
-    def _exact_scores(self, q: torch.Tensor, slots: torch.Tensor):
-        """float32 metric scores of q [G,T,D] against the keys at slots [G,T,m], and those keys."""
+    def _exact_scores(self, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """float32 metric scores [G,T,m] of q [G,T,D] against the keys at slots [G,T,m]."""
         keys = self._gather(self.keys, slots)                                # [G,T,m,D]
         dots = torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1)               # [G,T,m]
         metric = self.config.metric
         if metric == "ip":
-            return dots, keys
+            return dots
         G, T, m = slots.shape
         sq = self.sqnorms.view(G, -1).gather(1, slots.reshape(G, T * m)).view(G, T, m)
         q_sq = (q * q).sum(-1, keepdim=True)
         if metric == "l2":
-            return -torch.clamp(q_sq - 2 * dots + sq, min=0), keys
+            return -torch.clamp(q_sq - 2 * dots + sq, min=0)
         denom = torch.sqrt(q_sq * sq)
-        return torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0), keys
+        return torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0)
 
     def _empty(self, B: int, T: int, H: int, k: int, with_entries: bool) -> SearchResult:
         c, dev = self.config, self.device

@@ -40,26 +40,38 @@ class LocalAttention(nn.Module):
             position's value), where plain attention needs two layers and far
             more training. The previous segment's last key is kept for the
             first key of a segment (within a document; none at its start).
+        dconv: width of a causal depthwise convolution over time applied to
+            the queries, keys and values of every head (Primer's multi-dconv-head
+            attention, So et al. 2021), before ``smear_keys``; 0 (default) or 1:
+            none. Initialised to the identity (all weight on the current
+            position). A query then describes the last ``dconv`` tokens and a
+            key can describe the ones before it, so one layer can match a
+            multi-token context: one byte is ambiguous in a memory of thousands
+            of random bytes, three are not. Carried across segments like the
+            smeared key.
         bias: whether the q/k/v/out projections have biases.
         causal: False makes the layer bidirectional (every token attends to
             every token of its sequence, e.g. RETRO's neighbour encoder);
             ``forward``'s ``key_mask`` [B, T] bool then leaves padding out.
-            Not with ``xl_cache`` or ``smear_keys``.
+            Not with ``xl_cache``, ``smear_keys`` or ``dconv``.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, normalize_qk: bool = True,
                  init_scale: float | None = None, xl_cache: bool = False, rotary: bool = False,
-                 smear_keys: bool = False, bias: bool = False, causal: bool = True):
+                 smear_keys: bool = False, dconv: int = 0, bias: bool = False, causal: bool = True):
         super().__init__()
         dim, num_heads, head_dim = (check_int_option(name, value) for name, value in
                                     (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim)))
+        dconv = check_int_option("dconv", dconv, minimum=0)
         if rotary and head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
-        if not causal and (xl_cache or smear_keys):
-            raise ValueError("causal=False (bidirectional attention) cannot be combined with xl_cache or smear_keys")
+        if not causal and (xl_cache or smear_keys or dconv > 1):
+            raise ValueError("causal=False (bidirectional attention) cannot be combined with xl_cache, smear_keys "
+                             "or dconv")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.normalize_qk, self.xl_cache, self.rotary, self.smear_keys = normalize_qk, xl_cache, rotary, smear_keys
         self.causal = causal
+        self.dconv = dconv if dconv > 1 else 0
         inner = num_heads * head_dim
         self.to_q = nn.Linear(dim, inner, bias=bias)
         self.to_k = nn.Linear(dim, inner, bias=bias)
@@ -70,8 +82,13 @@ class LocalAttention(nn.Module):
             self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale)))
         if smear_keys:
             self.smear_logit = nn.Parameter(torch.zeros(num_heads))
+        if self.dconv:
+            taps = torch.zeros(self.dconv, 3, num_heads, head_dim)             # [tap (0 = now), q/k/v, H, D]
+            taps[0] = 1.0
+            self.dconv_weight = nn.Parameter(taps)
         self._xl = None  # (keys [B,T,H,D], values [B,T,H,D], valid [B]) of the previous segment
         self._last_key = None  # (raw key [B,H,D], valid [B]) of the previous segment's last token
+        self._history = None   # (raw q/k/v [B,dconv-1,3,H,D], valid [B]) of the previous segment's last tokens
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,9 +111,10 @@ class LocalAttention(nn.Module):
         return self._output(out)
 
     def reset_cache(self) -> None:
-        """Forget the XL cache (and the last key, with smear_keys)."""
+        """Forget the XL cache (and the last key, with smear_keys; the last tokens, with dconv)."""
         self._xl = None
         self._last_key = None
+        self._history = None
 
     # -- pieces shared with KNNAttention -----------------------------------------------
     def _check_input(self, x: torch.Tensor, doc_start) -> torch.Tensor | None:
@@ -118,17 +136,33 @@ class LocalAttention(nn.Module):
             self._xl = (*self._xl[:2], self._xl[2] & ~doc_start)
         if self._last_key is not None and self._last_key[1].shape == doc_start.shape:
             self._last_key = (self._last_key[0], self._last_key[1] & ~doc_start)
+        if self._history is not None and self._history[1].shape == doc_start.shape:
+            self._history = (self._history[0], self._history[1] & ~doc_start)
 
     def _qkv(self, x: torch.Tensor):
         """Queries, keys, values [B,T,H,D] (q and k unit vectors when normalize_qk)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = (proj(x).view(B, T, H, D) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.dconv:
+            q, k, v = self._convolve(torch.stack([q, k, v], 2)).unbind(2)
         if self.smear_keys:
             k = self._smear(k)
         if self.normalize_qk:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return q, k, v
+
+    def _convolve(self, qkv: torch.Tensor) -> torch.Tensor:
+        """[B,T,3,H,D] -> the same, each channel a causal mix of its last ``dconv`` positions (see ``dconv``)."""
+        B, T = qkv.shape[:2]
+        before = qkv.new_zeros(B, self.dconv - 1, *qkv.shape[2:])
+        history = self._history
+        if history is not None and history[0].shape[0] == B and history[0].device == qkv.device:
+            before = history[0].to(qkv.dtype) * history[1][:, None, None, None, None]
+        padded = torch.cat([before, qkv], 1)
+        self._history = (padded[:, T:].detach(), torch.ones(B, dtype=torch.bool, device=qkv.device))
+        return sum(self.dconv_weight[tap] * padded[:, self.dconv - 1 - tap:self.dconv - 1 - tap + T]
+                   for tap in range(self.dconv))
 
     def _smear(self, k: torch.Tensor) -> torch.Tensor:
         """Keys [B,T,H,D] mixed with the key before each (see ``smear_keys``); remembers the last raw key."""

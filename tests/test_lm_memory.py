@@ -94,6 +94,25 @@ def test_eval_stream_reads_every_document_once_and_whole():
     assert got == {i: d.data[1:].tolist() for i, d in enumerate(docs) if len(d) > 1}
 
 
+def test_evaluate_splits_far_copies_by_offset(monkeypatch):
+    from benchmarks.lm_memory import evaluate as evaluate_mod
+    from kvmemory_torch import MemorizingTransformer
+
+    def fake_bits(model, batch, device):      # a byte at offset i of a far copy costs i + 1 bits, others 8
+        offset = torch.as_tensor(batch.copy_offset.astype(np.int64))
+        return torch.where(offset >= 0, offset + 1.0, 8.0), torch.as_tensor(batch.valid)
+
+    monkeypatch.setattr(evaluate_mod, "token_bits", fake_bits)
+    docs = copy_documents(3, 512, seed=4, passage=16, gap=(64, 128), far=0.5, near=0.2)
+    model = MemorizingTransformer(256, dim=16, depth=1, num_heads=2)
+    got = evaluate_mod.evaluate(model, docs, 2, 32, "cpu")
+    assert got["copied_by_offset"] == [i + 1.0 for i in range(16)]
+    offsets = np.concatenate([d.copy_offset[1:] for d in docs])
+    assert got["copied_bytes"] == (offsets >= 0).sum()
+    assert got["copied_bits_per_byte"] == pytest.approx((offsets[offsets >= 0] + 1).mean())
+    assert got["other_bits_per_byte"] == 8.0
+
+
 def test_replay_rebuilds_the_memory_of_documents_in_progress():
     preset = PRESETS["quick"]
     docs = docs_of(300, 90, 200, 130)
@@ -120,11 +139,11 @@ def test_replay_rebuilds_the_memory_of_documents_in_progress():
     assert torch.allclose(xl_w[0][rows], xl_g[0][rows], atol=1e-5) and xl_g[2][rows].all()
 
 
-@pytest.mark.parametrize("smear_keys", [False, True])
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, smear_keys):
-    # without caches across segments the resumed run is the same run, bit for bit; smeared keys keep the
-    # previous segment's last key, which the replay recomputes with the checkpoint's weights: close, not equal
-    preset = dataclasses.replace(PRESETS["quick"], ckpt_every=2, smear_keys=smear_keys)
+@pytest.mark.parametrize("carried", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, carried):
+    # without state across segments the resumed run is the same run, bit for bit; smeared keys and dconv keep
+    # the previous segment's last keys/tokens, which the replay recomputes with the checkpoint's weights: close
+    preset = dataclasses.replace(PRESETS["quick"], ckpt_every=2, smear_keys=carried, dconv=3 if carried else 0)
     docs = docs_of(300, 90, 200, 130, 170)
     spec = train_mod.RunSpec("t/none", "t", steps=7, warmup=2)
     _, whole = train_mod.train(preset, spec, docs, str(tmp_path / "a"), show_progress=False)
@@ -148,7 +167,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, s
     got = torch.load(tmp_path / "b" / "t" / "none" / "final.pt", weights_only=False)["model"]
     assert resumed["steps"] == whole["steps"] == 7
     for name, value in want.items():
-        assert torch.equal(got[name], value) if not smear_keys else torch.allclose(got[name], value, atol=1e-3), name
+        assert torch.equal(got[name], value) if not carried else torch.allclose(got[name], value, atol=1e-3), name
 
 
 def test_quick_preset_runs_every_configuration_and_resumes(tmp_path):

@@ -132,6 +132,33 @@ def test_two_stage_topk_is_exact_on_large_blocks(rng):
         assert np.isneginf(ranked[g][got[g] < 0]).all()
 
 
+def test_blocked_topk_on_worker_threads_matches_brute_force(rng):
+    """A search big enough for the worker pool (and one BLAS thread per worker) stays exact, per metric transform."""
+    import concurrent.futures
+
+    from kvmemory.backends.topk import PARALLEL_MIN_SCORES, blocked_topk
+
+    G, T, N, k = 5, 300, 4000, 32
+    assert G * T * N >= PARALLEL_MIN_SCORES
+    q, keys = rand(rng, G, T, 16), rand(rng, G, N, 16)
+    n_valid = np.array([4000, 3999, 1500, 31, 0])
+    bias = np.abs(rand(rng, G, N))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got, ranked = blocked_topk(q, keys, n_valid, k, 2.0, bias, mapper=lambda f, xs: list(pool.map(f, xs)),
+                                   threads=2)
+    for g in range(G):
+        n = n_valid[g]
+        valid = min(k, n)
+        assert (got[g] >= 0).sum(1).tolist() == [valid] * T
+        if n == 0:
+            continue
+        scores = 2 * q[g] @ keys[g, :n].T - bias[g, :n]
+        want = np.sort(scores, 1)[:, ::-1][:, :valid]
+        np.testing.assert_allclose(np.sort(ranked[g], 1)[:, ::-1][:, :valid], want, rtol=1e-5, atol=1e-4)
+        true = np.take_along_axis(scores, np.where(got[g] < 0, 0, got[g]), 1)
+        np.testing.assert_allclose(ranked[g][got[g] >= 0], true[got[g] >= 0], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
 def test_float16_and_float64_are_converted(dtype, rng):
     mem = kvmemory.Memory(key_dim=4, capacity=8)

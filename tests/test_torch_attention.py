@@ -218,11 +218,14 @@ def test_reset_memories_clears_every_xl_cache():
 
 @pytest.mark.parametrize("backend", ["torch", "exact"])
 def test_no_output_depends_on_a_later_token(backend):
-    """Causality through every path: segment, XL cache, smeared keys and memory (searched before it is written)."""
+    """Causality through every path: segment, XL cache, dconv, smeared keys and memory (searched before it is written)."""
     torch.manual_seed(0)
     options = {"device": "cpu"} if backend == "torch" else {}
     model = MemorizingTransformer(11, dim=DIM, depth=2, num_heads=H, memory={"capacity": 64, "backend": backend,
-                                  **options}, k=4, xl_cache=True, smear_keys=True)
+                                  **options}, k=4, xl_cache=True, smear_keys=True, dconv=3)
+    for name, weight in model.named_parameters():  # dconv starts as the identity: give every tap a weight
+        if name.endswith("dconv_weight"):
+            weight.data.normal_()
     first, second = torch.randint(0, 11, (2, B, 6))
     changed = second.clone()
     changed[:, 4:] = (changed[:, 4:] + 1) % 11
@@ -233,3 +236,37 @@ def test_no_output_depends_on_a_later_token(backend):
         outs.append(model(seg))
     assert torch.allclose(outs[0][:, :4], outs[1][:, :4], atol=1e-6)
     assert not torch.allclose(outs[0][:, 4:], outs[1][:, 4:], atol=1e-3)
+
+
+def test_dconv_streams_across_segments_and_restarts_at_a_document_start():
+    torch.manual_seed(0)
+    attn = LocalAttention(DIM, H, D, dconv=3)
+    attn.dconv_weight.data.normal_()
+    qkv = torch.randn(B, 7, 3, H, D)
+    whole = attn._convolve(qkv)
+    attn.reset_cache()
+    parts = [attn._convolve(qkv[:, :1]), attn._convolve(qkv[:, 1:5]), attn._convolve(qkv[:, 5:])]
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
+    # by hand: position t mixes t, t-1, t-2 (nothing before the start)
+    w = attn.dconv_weight
+    assert torch.allclose(whole[:, 3], w[0] * qkv[:, 3] + w[1] * qkv[:, 2] + w[2] * qkv[:, 1], atol=1e-6)
+    assert torch.allclose(whole[:, 0], w[0] * qkv[:, 0], atol=1e-6)
+    # a document start in row 1 forgets that row's history only
+    attn._convolve(qkv[:, :4])
+    attn._start_documents(torch.tensor([False, True]))
+    after = attn._convolve(qkv[:, 4:])
+    assert torch.allclose(after[0], whole[0, 4:], atol=1e-6)
+    attn.reset_cache()
+    assert torch.allclose(after[1], attn._convolve(qkv[:, 4:])[1], atol=1e-6)
+
+
+def test_dconv_starts_as_the_plain_layer_and_checks_its_width():
+    torch.manual_seed(0)
+    plain = LocalAttention(DIM, H, D, xl_cache=True, smear_keys=True)
+    conv = LocalAttention(DIM, H, D, xl_cache=True, smear_keys=True, dconv=4)
+    conv.load_state_dict(plain.state_dict(), strict=False)
+    for x in segments(2):
+        assert torch.allclose(plain(x), conv(x), atol=1e-6)
+    assert not hasattr(LocalAttention(DIM, H, D, dconv=1), "dconv_weight")
+    with pytest.raises(ValueError, match="dconv must be an int >= 0, got -1"):
+        LocalAttention(DIM, H, D, dconv=-1)

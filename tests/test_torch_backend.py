@@ -106,6 +106,24 @@ def test_clear_mask_tensor_matches_clear():
         mem.backend.clear_mask_tensor(torch.tensor([0, 1, 0]))
 
 
+def test_search_after_a_device_clear_of_every_row_pads_missing_neighbours():
+    """After clear_mask_tensor (no host sync) the memory's bound on row sizes is stale: k > what rows hold."""
+    rng = np.random.default_rng(3)
+    exact, mem = pair()
+    k, v = entries(rng, 10)
+    exact.add(k, v)
+    mem.add(k, v)
+    exact.clear([0, 1, 2])
+    mem.backend.clear_mask_tensor(torch.ones(B, dtype=torch.bool))
+    k, v = entries(rng, 2)
+    exact.add(k, v)
+    mem.add(k, v)
+    q = rng.standard_normal((B, 3, H, DK)).astype(np.float32)
+    got = mem.search(q, 8)
+    assert got.mask.sum(-1).max() == 2
+    assert_matches(exact, exact.search(q, 8), got)
+
+
 def test_memory_clear_keeps_a_device_mask_on_the_device(monkeypatch):
     """Memory.clear(bool tensor) reaches clear_mask_tensor without a numpy round trip."""
     rng = np.random.default_rng(2)

@@ -22,7 +22,9 @@ def evaluate(model, docs, batch_size: int, seg_len: int, device: str, recall: bo
 
     Returns bits/byte overall, by position bucket (:data:`POSITION_EDGES`),
     on far copies (``copied_``), near copies and elsewhere (copy-task
-    documents: see :mod:`.copy_task`), the bytes counted,
+    documents: see :mod:`.copy_task`) and on far copies by offset in the copy
+    (``copied_by_offset``: the first bytes locate a copy, the rest can be
+    read from it), the bytes counted,
     and with ``recall`` (approximate backends) recall@k of the memory's
     searches against an exact memory of the same entries.
     """
@@ -39,6 +41,7 @@ def evaluate(model, docs, batch_size: int, seg_len: int, device: str, recall: bo
     kinds = {"far": 0, "near": -2, "other": -1}          # copy_offset: >= 0 in far copies
     kind_bits = dict.fromkeys(kinds, 0.0)
     kind_n = dict.fromkeys(kinds, 0)
+    offset_bits, offset_n = np.zeros(0), np.zeros(0, np.int64)
     t0 = time.perf_counter()
     stream = EvalStream(docs, batch_size, seg_len)
     for batch in stream:
@@ -51,6 +54,14 @@ def evaluate(model, docs, batch_size: int, seg_len: int, device: str, recall: bo
             sel = valid & ((batch.copy_offset >= 0) if kind == "far" else (batch.copy_offset == code))
             kind_bits[kind] += bits[sel].sum()
             kind_n[kind] += int(sel.sum())
+        far = valid & (batch.copy_offset >= 0)
+        if far.any():
+            offsets = batch.copy_offset[far].astype(np.int64)
+            if offsets.max() >= len(offset_bits):
+                grow = offsets.max() + 1 - len(offset_bits)
+                offset_bits, offset_n = np.pad(offset_bits, (0, grow)), np.pad(offset_n, (0, grow))
+            np.add.at(offset_bits, offsets, bits[far])
+            np.add.at(offset_n, offsets, 1)
     seconds = time.perf_counter() - t0
     model.train()
     n = int(bucket_n.sum())
@@ -61,6 +72,7 @@ def evaluate(model, docs, batch_size: int, seg_len: int, device: str, recall: bo
                          "bits_per_byte": float(b / c) if c else None, "bytes": int(c)}
                         for lo, hi, b, c in zip(edges, [*edges[1:], None], bucket_bits, bucket_n)],
         "copied_bytes": kind_n["far"],
+        "copied_by_offset": [float(b / c) if c else None for b, c in zip(offset_bits, offset_n)],
     }
     for kind, key in (("far", "copied"), ("near", "near_copied"), ("other", "other")):
         result[f"{key}_bits_per_byte"] = kind_bits[kind] / kind_n[kind] if kind_n[kind] else None

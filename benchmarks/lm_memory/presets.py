@@ -20,6 +20,8 @@ class Preset:
     k: int = 32               # neighbours per query
     smear_keys: bool = True   # Olsson et al.'s smeared keys in every layer (see LocalAttention): without
                               # them no copying circuit forms within these budgets (copy task, both ways)
+    dconv: int = 3            # width of Primer's causal depthwise q/k/v convolution in every layer (see
+                              # LocalAttention); 3 lets the memory match 3-byte contexts (copy_scaling)
     # training (the same budget for every configuration)
     steps: int = 1000
     lr: float = 3e-3

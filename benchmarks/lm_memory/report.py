@@ -11,6 +11,15 @@ def size_label(capacity: int | None) -> str:
     return f"{capacity // 1024}k" if capacity % 1024 == 0 else str(capacity)
 
 
+LOCATE = 3  # bytes of a copy that locate it (dconv 3 matches a 3-byte context); the rest can be read from it
+
+
+def after_locating(ev: dict) -> float | None:
+    """Bits/byte on far copies from offset LOCATE on (every offset holds as many bytes)."""
+    by_offset = [b for b in ev.get("copied_by_offset", [])[LOCATE:] if b is not None]
+    return sum(by_offset) / len(by_offset) if by_offset else None
+
+
 def table(results: dict) -> None:
     rows = []
     for run in results["runs"]:
@@ -26,8 +35,10 @@ def table(results: dict) -> None:
     copy = results.get("copy_task")
     if copy:
         print_table("copy task (part 1): random bytes with passages recurring far (beyond the local context) or near",
-                    ["configuration", "bits/byte on far copies", "on near copies", "elsewhere", "train steps", "s/step"],
-                    [[r["name"], r["eval"]["copied_bits_per_byte"], r["eval"]["near_copied_bits_per_byte"],
+                    ["configuration", "bits/byte on far copies", f"far, from byte {LOCATE + 1} of a copy", "on near copies",
+                     "elsewhere", "train steps", "s/step"],
+                    [[r["name"], r["eval"]["copied_bits_per_byte"], after_locating(r["eval"]),
+                      r["eval"]["near_copied_bits_per_byte"],
                       r["eval"]["other_bits_per_byte"], r["train"]["steps"], r["train"]["step_s"]] for r in copy])
 
 

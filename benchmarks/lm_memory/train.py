@@ -52,7 +52,7 @@ def build_model(preset: Preset, spec: RunSpec, weights: dict | None = None) -> M
     """The preset's model for ``spec``; ``weights`` (a memory-less state dict) are loaded before the memory is added."""
     torch.manual_seed(preset.seed)
     model = MemorizingTransformer(VOCAB, dim=preset.dim, depth=preset.depth, num_heads=preset.heads,
-                                  xl_cache=spec.xl, smear_keys=preset.smear_keys)
+                                  xl_cache=spec.xl, smear_keys=preset.smear_keys, dconv=preset.dconv)
     if weights is not None:
         model.load_state_dict(weights)
     if spec.memory is not None:

@@ -11,12 +11,13 @@ from .topk import blocked_topk
 
 
 class ExactBackend(HostBackend):
-    """Exact top-k by blocked batched matmul over all (row, head) pairs at once.
+    """Exact top-k by tiled BLAS matmul and group-maxima selection over every (row, head) (see topk.py).
 
     Options:
         block_bytes: most bytes of float32 scores held at once per thread (default 64 MiB).
-        num_threads: threads searching blocks of (row, head) indices in large searches
-            (default None: all cores).
+        num_threads: threads searching tiles of (row, head, queries) in large searches
+            (default None: all cores). They need threadpoolctl (extra ``fast``) to run
+            BLAS on one thread each; without it a search runs on one thread.
     """
 
     name = "exact"

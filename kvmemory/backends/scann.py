@@ -24,8 +24,10 @@ nothing but cost.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
+import mmap
 import os
 import re
 import tempfile
@@ -40,6 +42,47 @@ from .segmented import SegmentedBackend
 _DISTANCE = {"ip": "dot_product", "l2": "squared_l2"}
 SCAN_PER_REORDER = 8   # a search covers leaves holding at least this many entries per reorder candidate
 _AH_CLUSTERS = 16      # lut16 asymmetric hashing: AH training needs at least this many points
+LOG_LEVEL_ENV = "KVMEMORY_SCANN_LOG_LEVEL"
+
+
+def quiet_scann_logs(level: int | None = None) -> bool:
+    """Set the minimum severity ScaNN's C++ code logs (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL); True if set.
+
+    ScaNN logs through its own copy of absl, which reads neither
+    TF_CPP_MIN_LOG_LEVEL nor GLOG_minloglevel and writes every INFO line
+    (one or two per tree build) to stderr. Its extension exports
+    ``absl::SetMinLogLevel``, called here through ctypes; the mangled name
+    carries absl's versioned namespace, so it is looked up in the library
+    file. Level: the argument, else $KVMEMORY_SCANN_LOG_LEVEL, else
+    $TF_CPP_MIN_LOG_LEVEL, else 1 (warnings and errors still shown).
+    Returns False (and changes nothing) if the symbol is not found.
+    """
+    if level is None:
+        env = os.environ.get(LOG_LEVEL_ENV, os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1"))
+        try:
+            level = int(env)
+        except ValueError:
+            raise ValueError(f"{LOG_LEVEL_ENV} must be an integer 0-3, got {env!r}") from None
+    if not 0 <= level <= 3:
+        raise ValueError(f"ScaNN log level must be 0-3 (INFO, WARNING, ERROR, FATAL), got {level}")
+    path = getattr(_sop.scann_pybind, "__file__", None)
+    if not path:
+        return False
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = re.search(rb"_ZN4absl(?:\d+lts_\w+?)?14SetMinLogLevelENS\w*?18LogSeverityAtLeastE", data)
+            name = found and bytes(found.group(0)).decode()
+        if not name:
+            return False
+        setter = getattr(ctypes.CDLL(path), name)
+    except (OSError, AttributeError, ValueError):
+        return False
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    setter(level)
+    return True
+
+
+quiet_scann_logs()
 
 
 def _leaves(build: dict, n: int, span: int) -> int:
