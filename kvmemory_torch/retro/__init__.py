@@ -12,11 +12,11 @@ Retrofit a decoder trained without retrieval: ``RetroTransformer(..., retrieval=
 train it, then ``new_params = model.add_retrieval()`` (base frozen) and train those.
 """
 
-from .chunked_attention import ChunkedCrossAttention, attending_chunk
+from .chunked_attention import ChunkedCrossAttention, attending_chunk, first_reader
 from .cross_attention import CrossAttention
 from .encoder import NeighbourEncoder
 from .model import RetroTransformer, default_retro_layers
 from .retrieval import DatabaseRetriever, generate, precomputed_neighbours
 
-__all__ = ["ChunkedCrossAttention", "attending_chunk", "CrossAttention", "NeighbourEncoder", "RetroTransformer",
+__all__ = ["ChunkedCrossAttention", "attending_chunk", "first_reader", "CrossAttention", "NeighbourEncoder", "RetroTransformer",
            "default_retro_layers", "DatabaseRetriever", "generate", "precomputed_neighbours"]

@@ -39,6 +39,9 @@ class RetroTransformer(nn.Module):
         encoder_dim, encoder_depth, encoder_heads: the neighbour encoder's sizes
             (default: dim, 2, num_heads).
         retrieval: False for the plain decoder (see above).
+        retro_shift: where CCA reads (see :mod:`kvmemory_torch.retro.chunked_attention`):
+            False (default), chunk i reads chunk i - 1's neighbours and the first
+            chunk none; True, the paper's m - 1 shift (a chunk's last token reads it too).
         init_std: GPT-2 initialisation (residual outputs get init_std / sqrt(2 depth)).
         **attention_options: LocalAttention options of the decoder's self-attention
             (normalize_qk, init_scale, rotary (default True), bias).
@@ -47,7 +50,8 @@ class RetroTransformer(nn.Module):
     def __init__(self, vocab_size: int = 256, dim: int = 256, depth: int = 6, num_heads: int = 4,
                  chunk_len: int = 64, retro_layers=None, encoder_dim: int | None = None, encoder_depth: int = 2,
                  encoder_heads: int | None = None, retrieval: bool = True, mlp_ratio: int = 4,
-                 tie_embeddings: bool = True, init_std: float = 0.02, **attention_options):
+                 tie_embeddings: bool = True, init_std: float = 0.02, retro_shift: bool = False,
+                 **attention_options):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
@@ -55,6 +59,7 @@ class RetroTransformer(nn.Module):
             raise ValueError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
         self.vocab_size, self.dim, self.depth, self.num_heads = vocab_size, dim, depth, num_heads
         self.head_dim, self.chunk_len, self.mlp_ratio, self.init_std = dim // num_heads, chunk_len, mlp_ratio, init_std
+        self.retro_shift = bool(retro_shift)
         self.attention_options = {"rotary": True, **attention_options}
         self.embed = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(
@@ -82,7 +87,8 @@ class RetroTransformer(nn.Module):
         enc_heads = encoder_heads or self.num_heads
         self.encoder = NeighbourEncoder(enc_dim, self.dim, self.dim, encoder_depth, enc_heads, self.mlp_ratio)
         self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(self.dim, enc_dim, self.num_heads, self.head_dim,
-                                                                self.chunk_len) for i in layers})
+                                                                self.chunk_len, retro_shift=self.retro_shift)
+                                   for i in layers})
         self.retro_layers = layers
         new = [self.encoder, *self.cca.values()]
         init_weights(self.encoder, self.init_std, encoder_depth, self.encoder.residual_outputs())
