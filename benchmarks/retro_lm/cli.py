@@ -129,14 +129,18 @@ def main(argv=None) -> dict:
                "total_steps": preset.steps + (preset.retrofit_steps if name in ("none+ft", "retrofit") else 0),
                "bits_per_byte": run.bits_per_byte(preset, bits),
                "bits_per_byte_no_near_dups": run.bits_per_byte(preset, bits, keep),
+               "bits_per_byte_near_dups_only": run.bits_per_byte(preset, bits, dup),
                "bits_per_byte_chunks_1_on": run.bits_per_byte(preset, bits[:, 1:]),
                "second_half": run.bits_per_byte(preset, s2),
                "second_half_updated_db": run.bits_per_byte(preset, s2_up),
-               "second_half_updated_db_no_near_dups": run.bits_per_byte(preset, s2_up, ~dup_up)}
+               "second_half_updated_db_no_near_dups": run.bits_per_byte(preset, s2_up, ~dup_up),
+               "second_half_updated_db_near_dups_only": run.bits_per_byte(preset, s2_up, dup_up),
+               "second_half_near_dups_of_updated_db": run.bits_per_byte(preset, s2, dup_up)}
         if model.has_retrieval:
             off = run.chunk_bits(preset, model, ev, retrieval=False)
             row["bits_per_byte_retrieval_off"] = run.bits_per_byte(preset, off)
             row["bits_per_byte_retrieval_off_chunks_1_on"] = run.bits_per_byte(preset, off[:, 1:])
+            row["bits_per_byte_retrieval_off_near_dups_only"] = run.bits_per_byte(preset, off, dup)
         rows.append(row)
 
     results = {
@@ -158,12 +162,13 @@ def main(argv=None) -> dict:
 
 def report(results: dict, preset: Preset, out_dir: str | None = None) -> list:
     rows = results["rows"]
-    cols = ["row", "steps (total)", "trained params", "bits/byte", "no near-dups", "chunks 1+", "retrieval off (1+)",
-            "2nd halves", "2nd halves, db + 1st halves"]
+    cols = ["row", "steps (total)", "trained params", "bits/byte", "no near-dups", "near-dups only",
+            "near-dups, retrieval off", "chunks 1+", "retrieval off (1+)", "2nd halves", "2nd halves, db + 1st halves"]
     print_table(f"retro_lm ({preset.name}): held-out bits/byte, {preset.embedder} database of "
                 f"{results['database']['chunks']:,} chunks of {preset.chunk_len} bytes",
                 cols, [[r["name"], f"{r['steps']} ({r['total_steps']})", r["trainable_params"], r["bits_per_byte"],
-                        r["bits_per_byte_no_near_dups"], r["bits_per_byte_chunks_1_on"],
+                        r["bits_per_byte_no_near_dups"], r["bits_per_byte_near_dups_only"],
+                        r.get("bits_per_byte_retrieval_off_near_dups_only"), r["bits_per_byte_chunks_1_on"],
                         r.get("bits_per_byte_retrieval_off_chunks_1_on"), r["second_half"],
                         r["second_half_updated_db"]] for r in rows])
     lk, lu = results["leakage"], results["leakage_second_half_updated"]

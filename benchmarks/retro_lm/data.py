@@ -18,7 +18,8 @@ from .presets import Preset
 
 
 def embedder_options(preset: Preset) -> dict:
-    return {"num_threads": torch.get_num_threads()} if preset.embedder == "minilm" else {}
+    """MiniLM with one torch thread: the fastest setting on the shared 2-core machine (benchmarks/retro_db)."""
+    return {"num_threads": 1} if preset.embedder == "minilm" and preset.device == "cpu" else {}
 
 
 def build_database(preset: Preset, docs: list[Document], path: str, append_docs: list[Document] | None = None):
