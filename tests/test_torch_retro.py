@@ -339,6 +339,8 @@ def test_bad_input_raises_value_errors_naming_the_argument():
         net(tokens, nb, mask.long())
     with pytest.raises(ValueError, match="neighbour_mask"):
         net(tokens, nb, mask[..., :3])
+    with pytest.raises(ValueError, match="neighbour_mask"):
+        net(tokens, nb, mask.numpy())
     with pytest.raises(ValueError, match="neighbour token ids"):
         net(tokens, nb + 256, mask)
     for bad in (0, -1, 2.0, True):

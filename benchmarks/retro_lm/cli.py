@@ -171,14 +171,13 @@ def report(results: dict, preset: Preset, out_dir: str | None = None) -> list:
                         r.get("bits_per_byte_retrieval_off_near_dups_only"), r["bits_per_byte_chunks_1_on"],
                         r.get("bits_per_byte_retrieval_off_chunks_1_on"), r["second_half"],
                         r["second_half_updated_db"]] for r in rows])
-    lk, lu = results["leakage"], results["leakage_second_half_updated"]
+    lk, ls, lu = results["leakage"], results["leakage_second_half"], results["leakage_second_half_updated"]
     print_table("leakage (share of a chunk's byte 8-grams in the neighbours it reads)",
                 ["evaluation", "chunks", f"near-dup (>= {lk['threshold']})", "mean overlap", "any overlap"],
                 [["held-out, training db", lk["chunks_reading_neighbours"], lk["near_duplicate_fraction"],
                   lk["mean_overlap"], lk["fraction_any_overlap"]],
-                 ["2nd halves, training db", results["leakage_second_half"]["chunks_reading_neighbours"],
-                  results["leakage_second_half"]["near_duplicate_fraction"],
-                  results["leakage_second_half"]["mean_overlap"], results["leakage_second_half"]["fraction_any_overlap"]],
+                 ["2nd halves, training db", ls["chunks_reading_neighbours"], ls["near_duplicate_fraction"],
+                  ls["mean_overlap"], ls["fraction_any_overlap"]],
                  ["2nd halves, db + 1st halves", lu["chunks_reading_neighbours"], lu["near_duplicate_fraction"],
                   lu["mean_overlap"], lu["fraction_any_overlap"]]])
     suffix = "" if preset.name == "default" else "_" + preset.name.replace("+", "_")

@@ -18,5 +18,5 @@ from .encoder import NeighbourEncoder
 from .model import RetroTransformer, default_retro_layers
 from .retrieval import DatabaseRetriever, generate, precomputed_neighbours
 
-__all__ = ["ChunkedCrossAttention", "attending_chunk", "first_reader", "CrossAttention", "NeighbourEncoder", "RetroTransformer",
-           "default_retro_layers", "DatabaseRetriever", "generate", "precomputed_neighbours"]
+__all__ = ["ChunkedCrossAttention", "attending_chunk", "first_reader", "CrossAttention", "NeighbourEncoder",
+           "RetroTransformer", "default_retro_layers", "DatabaseRetriever", "generate", "precomputed_neighbours"]

@@ -156,9 +156,12 @@ class RetroTransformer(nn.Module):
             raise ValueError(f"neighbours must have k >= 1 and neighbour_len >= 1, got shape {tuple(neighbours.shape)}")
         if neighbour_mask is None:
             neighbour_mask = torch.ones(neighbours.shape, dtype=torch.bool, device=neighbours.device)
-        elif neighbour_mask.dtype != torch.bool or neighbour_mask.shape != neighbours.shape:
-            raise ValueError(f"neighbour_mask must be a bool tensor of the neighbours' shape {tuple(neighbours.shape)}, "
-                             f"got {neighbour_mask.dtype} {tuple(neighbour_mask.shape)}")
+        elif not isinstance(neighbour_mask, torch.Tensor) or neighbour_mask.dtype != torch.bool \
+                or neighbour_mask.shape != neighbours.shape:
+            raise ValueError(f"neighbour_mask must be a bool tensor of the neighbours' shape "
+                             f"{tuple(neighbours.shape)}, got "
+                             f"{getattr(neighbour_mask, 'dtype', type(neighbour_mask).__name__)} "
+                             f"{tuple(getattr(neighbour_mask, 'shape', ()))}")
         if neighbours.numel() and (int(neighbours.min()) < 0 or int(neighbours.max()) >= self.vocab_size):
             raise ValueError(f"neighbour token ids must be in [0, {self.vocab_size}), got "
                              f"[{int(neighbours.min())}, {int(neighbours.max())}]")
