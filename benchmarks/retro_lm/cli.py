@@ -68,6 +68,21 @@ def leakage(preset: Preset, ev) -> tuple:
     }
 
 
+def train_windows(preset: Preset, db, docs, pre, limit: int = 400) -> data.EvalSet:
+    """Up to ``limit`` training windows with their precomputed neighbours (own document excluded): what the
+    model reads while it trains, for the leakage of training chunks."""
+    m, n, L = preset.chunk_len, preset.seq_len, preset.seq_chunks
+    rows, ids = [], []
+    for i, d in enumerate(docs):
+        chunks = db.doc_chunks(i)
+        for s in range(0, len(d) - n, n):
+            rows.append(d.data[s:s + n + 1])
+            ids.append(np.asarray(pre.ids)[chunks[s // m:s // m + L]])
+    pick = np.random.default_rng(preset.seed).permutation(len(rows))[:limit]
+    w = np.stack([rows[i] for i in pick])
+    return data.EvalSet(w[:, :-1], w[:, 1:], np.stack([ids[i] for i in pick]), db)
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "default"]
@@ -92,6 +107,7 @@ def main(argv=None) -> dict:
     ev = data.eval_set(preset, db, eval_docs)
     eval_search_s = time.perf_counter() - t
     overlap, dup, leak = leakage(preset, ev)
+    _, _, leak_train = leakage(preset, train_windows(preset, db, train_docs, pre))
     keep = ~dup
     log(f"database {db.num_chunks} chunks (built in {build_s:.0f} s); {len(ev)} evaluation windows; "
         f"near-duplicate chunks {leak['near_duplicate_fraction']:.3f}")
@@ -153,7 +169,7 @@ def main(argv=None) -> dict:
                      "chunks_per_s": db.num_chunks / build_s if build_s > 1 else None,
                      "precompute_s": precompute_s, "eval_search_s": eval_search_s,
                      "updated_chunks": db_up.num_chunks, "update_build_s": update_s},
-        "leakage": leak, "leakage_second_half": leak_second, "leakage_second_half_updated": leak_up,
+        "leakage": leak, "leakage_train": leak_train, "leakage_second_half": leak_second, "leakage_second_half_updated": leak_up,
         "rows": rows,
     }
     report(results, preset, args.out_dir)
@@ -171,10 +187,13 @@ def report(results: dict, preset: Preset, out_dir: str | None = None) -> list:
                         r.get("bits_per_byte_retrieval_off_near_dups_only"), r["bits_per_byte_chunks_1_on"],
                         r.get("bits_per_byte_retrieval_off_chunks_1_on"), r["second_half"],
                         r["second_half_updated_db"]] for r in rows])
+    lt = results["leakage_train"]
     lk, ls, lu = results["leakage"], results["leakage_second_half"], results["leakage_second_half_updated"]
     print_table("leakage (share of a chunk's byte 8-grams in the neighbours it reads)",
                 ["evaluation", "chunks", f"near-dup (>= {lk['threshold']})", "mean overlap", "any overlap"],
-                [["held-out, training db", lk["chunks_reading_neighbours"], lk["near_duplicate_fraction"],
+                [["training windows (own file excluded)", lt["chunks_reading_neighbours"],
+                  lt["near_duplicate_fraction"], lt["mean_overlap"], lt["fraction_any_overlap"]],
+                 ["held-out, training db", lk["chunks_reading_neighbours"], lk["near_duplicate_fraction"],
                   lk["mean_overlap"], lk["fraction_any_overlap"]],
                  ["2nd halves, training db", ls["chunks_reading_neighbours"], ls["near_duplicate_fraction"],
                   ls["mean_overlap"], ls["fraction_any_overlap"]],

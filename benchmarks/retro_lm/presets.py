@@ -54,7 +54,7 @@ PRESETS = {
                     steps=24, retrofit_steps=8, warmup=4, embedder="ngram-hash", db_bytes=40_000,
                     train_max_doc_bytes=5_000, eval_bytes=8_000, eval_max_doc_bytes=2_000),
     "default": Preset(name="default", dim=128, depth=4, heads=4, chunk_len=64, seq_chunks=4, batch=8,
-                      encoder_dim=64, steps=300, retrofit_steps=120, lr=2e-3, warmup=30, db_bytes=400_000,
+                      encoder_dim=64, steps=600, retrofit_steps=240, lr=2e-3, warmup=50, db_bytes=400_000,
                       train_max_doc_bytes=16_000, eval_bytes=80_000, eval_max_doc_bytes=10_000),
     "gpu": Preset(name="gpu", dim=512, depth=12, heads=8, chunk_len=64, seq_chunks=8, batch=32, encoder_dim=256,
                   encoder_depth=2, steps=3000, retrofit_steps=1000, lr=1e-3, warmup=200, db_bytes=24_000_000,
