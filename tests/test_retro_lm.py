@@ -73,3 +73,12 @@ def test_quick_run_at_a_tiny_size(tmp_path):
     assert 0 <= saved["leakage"]["near_duplicate_fraction"] <= 1
     assert saved["database"]["updated_chunks"] > saved["database"]["chunks"]
     assert (out / "retro_lm_quick_set.png").exists()
+
+
+def test_oracle_neighbours_are_each_chunk_and_its_continuation():
+    from benchmarks.retro_lm.oracle import oracle_neighbours
+    x = np.arange(12, dtype=np.uint8)[None]                     # 3 chunks of 4
+    nb, mask = oracle_neighbours(P, x, "cpu")
+    assert nb.shape == (1, 3, 1, 8)
+    assert nb[0, 0, 0].tolist() == list(range(8)) and nb[0, 1, 0].tolist() == list(range(4, 12))
+    assert mask[0, :2].all() and mask[0, 2, 0, :4].all() and not mask[0, 2, 0, 4:].any()
