@@ -50,19 +50,27 @@ class LocalAttention(nn.Module):
             of random bytes, three are not. Carried across segments like the
             smeared key.
         bias: whether the q/k/v/out projections have biases.
+        causal: False makes the layer bidirectional (every token attends to
+            every token of its sequence, e.g. RETRO's neighbour encoder);
+            ``forward``'s ``key_mask`` [B, T] bool then leaves padding out.
+            Not with ``xl_cache``, ``smear_keys`` or ``dconv``.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, normalize_qk: bool = True,
                  init_scale: float | None = None, xl_cache: bool = False, rotary: bool = False,
-                 smear_keys: bool = False, dconv: int = 0, bias: bool = False):
+                 smear_keys: bool = False, dconv: int = 0, bias: bool = False, causal: bool = True):
         super().__init__()
         dim, num_heads, head_dim = (check_int_option(name, value) for name, value in
                                     (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim)))
         dconv = check_int_option("dconv", dconv, minimum=0)
         if rotary and head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+        if not causal and (xl_cache or smear_keys or dconv > 1):
+            raise ValueError("causal=False (bidirectional attention) cannot be combined with xl_cache, smear_keys "
+                             "or dconv")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.normalize_qk, self.xl_cache, self.rotary, self.smear_keys = normalize_qk, xl_cache, rotary, smear_keys
+        self.causal = causal
         self.dconv = dconv if dconv > 1 else 0
         inner = num_heads * head_dim
         self.to_q = nn.Linear(dim, inner, bias=bias)
@@ -82,12 +90,23 @@ class LocalAttention(nn.Module):
         self._last_key = None  # (raw key [B,H,D], valid [B]) of the previous segment's last token
         self._history = None   # (raw q/k/v [B,dconv-1,3,H,D], valid [B]) of the previous segment's last tokens
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, dim] -> [B, T, dim]; doc_start [B] bool flags rows whose document starts here."""
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; doc_start [B] bool flags rows whose document starts here.
+
+        key_mask [B, T] bool (``causal=False`` only): True on real tokens; a
+        row without any gets uniform attention (its output is padding anyway).
+        """
         doc_start = self._check_input(x, doc_start)
+        if key_mask is not None:
+            if self.causal:
+                raise ValueError("key_mask is for a bidirectional layer (causal=False)")
+            if key_mask.dtype != torch.bool or tuple(key_mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"key_mask must be a bool tensor [batch, tokens]={tuple(x.shape[:2])}, got "
+                                 f"{key_mask.dtype} {tuple(key_mask.shape)}")
         self._start_documents(doc_start)
         q, k, v = self._qkv(x)
-        out = self._local_attention(q, k, v)
+        out = self._local_attention(q, k, v, key_mask)
         self._remember_segment(k, v)
         return self._output(out)
 
@@ -163,7 +182,7 @@ class LocalAttention(nn.Module):
             return self.log_scale.exp()[:, None]
         return torch.full((self.num_heads, 1), self.head_dim ** -0.5, dtype=q.dtype, device=q.device)
 
-    def _local_attention(self, q, k, v):
+    def _local_attention(self, q, k, v, key_mask=None):
         """Causal attention within the segment (and to the XL cache): q, k, v [B,T,H,D] -> [B,T,H,D]."""
         xl = self._xl
         if not self.xl_cache or xl is None or xl[0].shape[0] != q.shape[0] or xl[0].device != q.device:
@@ -175,7 +194,12 @@ class LocalAttention(nn.Module):
         if self.rotary:
             q, k = rotary.rotate(q, start=Tx), rotary.rotate(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # [B,H,*,D]
-        if xl is None:
+        if not self.causal:
+            mask = None
+            if key_mask is not None:
+                mask = (key_mask | ~key_mask.any(-1, keepdim=True))[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        elif xl is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
         else:
             B, T = q.shape[0], q.shape[2]

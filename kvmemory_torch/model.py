@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .attention import KNNAttention
+from .blocks import Block, init_weights
 from .local_attention import LocalAttention
 
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, attention: nn.Module, mlp_ratio: int = 4):
-        super().__init__()
-        self.norm1, self.attention = nn.LayerNorm(dim), attention
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, x: torch.Tensor, doc_start=None) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), doc_start)
-        return x + self.mlp(self.norm2(x))
+__all__ = ["Block", "MemorizingTransformer"]
 
 
 class MemorizingTransformer(nn.Module):
@@ -86,14 +73,7 @@ class MemorizingTransformer(nn.Module):
         return {**self.attention_options, "rotary": False} if block == self.knn_layer else self.attention_options
 
     def _init_weights(self, std: float, depth: int) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for out in (block.attention.to_out, block.mlp[2]):
-                nn.init.normal_(out.weight, std=std / math.sqrt(2 * depth))
+        init_weights(self, std, depth, [out for b in self.blocks for out in (b.attention.to_out, b.mlp[2])])
 
     @property
     def knn_attention(self) -> KNNAttention | None:
