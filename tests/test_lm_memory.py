@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.lm_memory import cli, train as train_mod  # noqa: E402
+from benchmarks.lm_memory import ablate, cli, train as train_mod  # noqa: E402
 from benchmarks.lm_memory.copy_task import copy_documents  # noqa: E402
 from benchmarks.lm_memory.corpus import Document, split, take_bytes  # noqa: E402
 from benchmarks.lm_memory.presets import PRESETS  # noqa: E402
@@ -170,12 +170,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, c
         assert torch.equal(got[name], value) if not carried else torch.allclose(got[name], value, atol=1e-3), name
 
 
-def test_quick_preset_runs_every_configuration_and_resumes(tmp_path):
+def test_quick_preset_runs_every_configuration_and_resumes(tmp_path, monkeypatch):
     args = ["--quick", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--no-progress"]
     results = cli.main(args)
     names = [r["name"] for r in results["runs"]]
     assert names[:2] == ["code/none", "code/xl"] and "code/mem-256" in names and "code/none-continued" in names
-    assert any(n.startswith("code/retrofit-mem-") for n in names)
+    assert any(n.startswith("code/retrofit-mem-") for n in names) and any(n.endswith("-no-xl") for n in names)
     assert any(r["kind"] == "approximate" and 0 <= r["eval"]["recall_at_k"] <= 1 for r in results["runs"])
     for r in results["runs"] + results["copy_task"]:
         assert np.isfinite(r["eval"]["bits_per_byte"]) and r["train"]["steps"] > 0
@@ -184,3 +184,22 @@ def test_quick_preset_runs_every_configuration_and_resumes(tmp_path):
     assert (tmp_path / "out" / "lm_memory_quick_sizes.png").exists()
     again = cli.main(args)                                   # every run finished: read back, not retrained
     assert [r["eval"] for r in again["runs"]] == [r["eval"] for r in results["runs"]]
+    ablation = ablate.main(["--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")])
+    memory_runs = sorted(r["name"] for r in results["runs"] if r["corpus"] == "code" and r["memory"] is not None)
+    assert sorted(r["name"] for r in ablation["runs"]) == memory_runs
+    for r in ablation["runs"]:                # with the memory kept empty the layer computes something else
+        assert np.isfinite(r["memory_off"]) and r["memory_off"] != r["bits_per_byte"]
+    assert (tmp_path / "out" / "lm_memory_ablation_quick.json").exists()
+    monkeypatch.setattr(ablate, "evaluate", None)            # a second call reads each run's cached result
+    assert ablate.main(["--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")])[
+        "runs"] == ablation["runs"]
+
+
+def test_knn_layer_is_a_preset_field_that_leaves_earlier_checkpoints_valid():
+    default = PRESETS["default"]
+    assert "knn_layer" not in default.key()                  # same work dir and resume key as before the field
+    layer0 = cli.with_overrides(default, ["knn_layer=0"])
+    assert layer0.key()["knn_layer"] == 0 and cli.default_work_dir(layer0) != cli.default_work_dir(default)
+    spec = train_mod.RunSpec("code/mem-256", "code", memory=256, xl=True)
+    model = train_mod.build_model(dataclasses.replace(PRESETS["quick"], knn_layer=0), spec)
+    assert model.knn_layer == 0 and model.blocks[0].attention is model.knn_attention

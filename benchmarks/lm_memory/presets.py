@@ -22,6 +22,8 @@ class Preset:
                               # them no copying circuit forms within these budgets (copy task, both ways)
     dconv: int = 3            # width of Primer's causal depthwise q/k/v convolution in every layer (see
                               # LocalAttention); 3 lets the memory match 3-byte contexts (copy_scaling)
+    knn_layer: int | None = None  # the block that gets the memory (and has no rotary, in every configuration);
+                              # None: the model's default, depth - 2 (near the top, as in the paper)
     # training (the same budget for every configuration)
     steps: int = 1000
     lr: float = 3e-3
@@ -51,8 +53,16 @@ class Preset:
     seed: int = 0
 
     def key(self) -> dict:
-        """What a checkpoint must match to be resumed."""
-        return dataclasses.asdict(self)
+        """What a checkpoint must match to be resumed (fields added later are left out at their default,
+        so that earlier checkpoints stay valid)."""
+        key = dataclasses.asdict(self)
+        for field, default in _ADDED_LATER.items():
+            if key[field] == default:
+                del key[field]
+        return key
+
+
+_ADDED_LATER = {"knn_layer": None}
 
 
 PRESETS = {

@@ -73,6 +73,8 @@ def _plot_sizes(plt, results: dict, path: str) -> str:
             if r["kind"] == "approximate":
                 ax.plot([r["memory"]], [r["eval"]["bits_per_byte"]], "s", ms=8,
                         label=f"kNN memory + XL ({r['backend']}, recall {r['eval'].get('recall_at_k') or 0:.2f})")
+            elif r["kind"] == "memory-no-xl":
+                ax.plot([r["memory"]], [r["eval"]["bits_per_byte"]], "D", ms=7, label="kNN memory, no XL (exact)")
             elif r["kind"] == "retrofit":
                 ax.plot([r["memory"]], [r["eval"]["bits_per_byte"]], "^", ms=8, label=r["name"].split("/")[1])
             elif r["kind"] in ("none", "xl", "continued"):
@@ -94,7 +96,7 @@ def _plot_positions(plt, results: dict, path: str) -> str:
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
     for ax, (corpus, runs) in zip(axes[0], corpora.items()):
         for r in runs:
-            if r["kind"] not in ("none", "xl", "memory"):
+            if r["kind"] not in ("none", "xl", "memory", "memory-no-xl"):
                 continue
             pts = [(b["from"], b["bits_per_byte"]) for b in r["eval"]["by_position"] if b["bits_per_byte"] is not None]
             ax.plot([max(p[0], 128) for p in pts], [p[1] for p in pts], "o-", ms=3, label=r["name"].split("/")[1])

@@ -17,6 +17,7 @@ from kvmemory_torch import MemorizingTransformer, reset_memories
 
 from .corpus import fingerprint
 from .instrument import ProbedMemory
+from ..training import adamw, warmup_cosine
 from .presets import Preset
 from .progress import RunProgress
 from .stream import Batch, TrainStream
@@ -52,7 +53,8 @@ def build_model(preset: Preset, spec: RunSpec, weights: dict | None = None) -> M
     """The preset's model for ``spec``; ``weights`` (a memory-less state dict) are loaded before the memory is added."""
     torch.manual_seed(preset.seed)
     model = MemorizingTransformer(VOCAB, dim=preset.dim, depth=preset.depth, num_heads=preset.heads,
-                                  xl_cache=spec.xl, smear_keys=preset.smear_keys, dconv=preset.dconv)
+                                  xl_cache=spec.xl, smear_keys=preset.smear_keys, dconv=preset.dconv,
+                                  knn_layer=preset.knn_layer)
     if weights is not None:
         model.load_state_dict(weights)
     if spec.memory is not None:
@@ -81,23 +83,6 @@ def token_bits(model, batch: Batch, device: str):
     logits = model(inputs, doc_start=doc_start)
     nats = F.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1), reduction="none")
     return nats.view(targets.shape) * valid / LN2, valid
-
-
-def _optimizer(model, preset: Preset):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=preset.lr, betas=(0.9, 0.98))
-
-
-def _schedule(optimizer, steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to 10% of the peak at the last step."""
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _save(path: str, payload: dict) -> None:
@@ -133,8 +118,8 @@ def train(preset: Preset, spec: RunSpec, docs, work_dir: str, base_weights: dict
             model.load_state_dict(state["model"])
             return model, state["summary"]
 
-    optimizer = _optimizer(model, preset)
-    scheduler = _schedule(optimizer, spec.steps, spec.warmup)
+    optimizer = adamw(model.parameters(), preset.lr)
+    scheduler = warmup_cosine(optimizer, spec.steps, spec.warmup)
     stream = TrainStream(docs, preset.batch, preset.seg_len, seed=preset.seed)
     stats = {"step_s": [], "memory_s": [], "bits": [], "wall_s": 0.0}
     start = 0

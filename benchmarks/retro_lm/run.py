@@ -15,6 +15,7 @@ from kvmemory_torch.retro import RetroTransformer, precomputed_neighbours
 
 from ..common import log
 from .data import EvalSet, TrainBatches
+from ..training import adamw, warmup_cosine
 from .presets import Preset
 
 VOCAB = 256
@@ -36,23 +37,6 @@ def retrofit(preset: Preset, model: RetroTransformer) -> list:
                                encoder_depth=preset.encoder_depth)
 
 
-def _optimizer(params, lr: float):
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98))
-
-
-def _schedule(optimizer, steps: int, warmup: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train(preset: Preset, model: RetroTransformer, batches: TrainBatches, steps: int, params=None,
           name: str = "", ckpt: str | None = None) -> dict:
     """``steps`` AdamW steps on ``params`` (default: all trainable); the weights are cached at ``ckpt``."""
@@ -63,8 +47,8 @@ def train(preset: Preset, model: RetroTransformer, batches: TrainBatches, steps:
             log(f"[{name}] loaded {ckpt}")
             return state["summary"]
     params = list(model.parameters()) if params is None else list(params)
-    opt = _optimizer(params, preset.lr)
-    sched = _schedule(opt, steps, min(preset.warmup, max(1, steps // 5)))
+    opt = adamw(params, preset.lr)
+    sched = warmup_cosine(opt, steps, min(preset.warmup, max(1, steps // 5)))
     model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
