@@ -91,8 +91,7 @@ def main(argv=None) -> dict:
                 [[r["name"], r["bits_per_byte"], r["memory_off"], r["memory_off"] - r["bits_per_byte"],
                   " ".join(f"{g:.2f}" for g in r["gates"])] for r in rows])
     out = {"preset": preset.key(), "environment": environment(), "runs": rows}
-    suffix = "" if preset.name == "default" else "_custom" if preset.name.endswith("-custom") else f"_{preset.name}"
-    log(f"[ablate] wrote {write_json(result_path(f'lm_memory_ablation{suffix}.json', args.out_dir), out)}")
+    log(f"[ablate] wrote {write_json(result_path(f'lm_memory_ablation{preset.results_suffix}.json', args.out_dir), out)}")
     return out
 
 

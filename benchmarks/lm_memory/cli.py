@@ -215,7 +215,6 @@ def main(argv=None) -> dict:
         results["runs"].extend(runs)
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     report.table(results)
-    suffix = "" if preset.name == "default" else "_custom" if preset.name.endswith("-custom") else f"_{preset.name}"
-    for path in report.write(results, suffix, args.out_dir):
+    for path in report.write(results, preset.results_suffix, args.out_dir):
         log(f"[lm_memory] wrote {path}")
     return results

@@ -52,6 +52,14 @@ class Preset:
     device: str = "cpu"
     seed: int = 0
 
+    @property
+    def results_suffix(self) -> str:
+        """What result file names carry after ``lm_memory``: nothing for the default, "_custom" once
+        ``--set`` changed a field, "_<name>" for the other presets."""
+        if self.name == "default":
+            return ""
+        return "_custom" if self.name.endswith("-custom") else f"_{self.name}"
+
     def key(self) -> dict:
         """What a checkpoint must match to be resumed (fields added later are left out at their default,
         so that earlier checkpoints stay valid)."""

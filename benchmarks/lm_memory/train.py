@@ -15,9 +15,9 @@ import kvmemory
 from kvmemory.atomic import atomic_open
 from kvmemory_torch import MemorizingTransformer, reset_memories
 
+from ..training import adamw, warmup_cosine
 from .corpus import fingerprint
 from .instrument import ProbedMemory
-from ..training import adamw, warmup_cosine
 from .presets import Preset
 from .progress import RunProgress
 from .stream import Batch, TrainStream
