@@ -20,7 +20,18 @@ coordinates) starting at its own offset, wrapping around. Values are the keys.
 
 Per capacity, every backend (``exact``, ``torch`` on CPU, ``faiss``,
 ``scann``, ``hnsw`` at their default options; those not installed are
-skipped with the reason) gets a memory filled with identical content. Then
+skipped with the reason) gets a memory filled with identical content.
+Each approximate backend is also swept over cheaper search settings
+(``tuning_grid``: fractions of its default effort) and, under the label
+``NAME@0.9``, timed at the fastest setting whose recall@k reaches
+``--recall-target`` (0.9, the issue's bar; none if no setting does).
+
+``port`` is lucidrains/memorizing-transformers-pytorch's ``KNNMemory`` with
+one index per (row, head) (``benchmarks/port.py``; skipped unless installed).
+It resets an index that would pass its capacity, so it is filled only to
+``capacity - (1 + repeats) * tokens`` entries and never passes capacity during
+the timed rounds: it searches fewer entries than the others (in its favour).
+Its recall is measured against exact search over what it holds. Then
 ``--repeats`` interleaved rounds (after one warm-up), each backend in a
 rotated order per round, time for each backend:
 
@@ -69,14 +80,34 @@ import kvmemory  # noqa: E402
 from kvmemory.registry import get_backend_class  # noqa: E402
 
 from . import data as data_mod  # noqa: E402
+from . import port as port_mod  # noqa: E402
 from .common import (environment, log, print_table, pyplot, result_path, summary,  # noqa: E402
                      time_call, write_json)
 
-BACKENDS = ("exact", "torch", "faiss", "scann", "hnsw")
+BACKENDS = ("exact", "torch", "faiss", "scann", "hnsw", "port")
 BUILD = {"torch": {"device": "cpu"}}
 CAPACITIES = (8192, 16384, 65536)
 QUICK_CAPACITIES = (2048,)
 EPSILON = 1e-3
+RECALL_TARGET = 0.9
+
+
+def tuning_grid(name: str, options: dict) -> list[dict]:
+    """Search options to try for an approximate backend: fractions of its default effort (faster, lower recall).
+
+    ``options``: the memory's resolved options (``Memory.options``) at their defaults.
+    """
+    fractions = ((1, 4), (1, 3), (1, 2), (2, 3))
+    if name == "faiss":
+        key = "nprobe" if options.get("index") == "ivf" else "ef_search"
+        return [{key: max(1, options[key] * a // b)} for a, b in fractions]
+    if name == "scann":
+        leaves = options["num_leaves_to_search"]
+        return [{"num_leaves_to_search": max(1, leaves * a // b), "reorder": r} for a, b in fractions[1:]
+                for r in (64, 128)]
+    if name == "hnsw":
+        return [{"ef": e} for e in (32, 40, 48)]          # hnswlib needs ef >= k
+    return []
 
 
 # -- data ----------------------------------------------------------------------------------------------------
@@ -123,6 +154,13 @@ def make_memories(names, capacity, args, baseline):
     mems, skipped = {}, {}
     shape = dict(key_dim=args.dim, capacity=capacity, num_heads=args.heads, batch_size=args.batch)
     for name in names:
+        if name == port_mod.LABEL:
+            try:
+                mems[name] = port_mod.PortMemory(args.batch, args.heads, args.dim, port_room(capacity, args))
+            except Exception as e:
+                skipped[name] = f"{type(e).__name__}: {e}"
+                log(f"[step] skipping {name}: {skipped[name]}")
+            continue
         try:
             get_backend_class(name)
             opts = dict(BUILD.get(name, {}))
@@ -136,7 +174,16 @@ def make_memories(names, capacity, args, baseline):
         opts = {"num_threads": args.threads} if args.threads is not None else {}
         mems[f"exact@{args.baseline}"] = baseline.Memory(backend="exact_baseline", **shape, **opts)
     return mems, skipped
-    return mems
+
+
+def port_fill(capacity, args) -> int:
+    """Entries the port gets before the timed rounds: its adds during them then never pass capacity
+    (it resets when full), so it searches at most capacity - tokens entries (fewer than the others)."""
+    return max(capacity - (1 + args.repeats) * args.tokens, args.k)
+
+
+def port_room(capacity, args) -> int:
+    return max(capacity, port_fill(capacity, args) + (1 + args.repeats) * args.tokens)
 
 
 def to_numpy(x):
@@ -195,22 +242,53 @@ def roofline(args, capacity, rates, exact_step_s, exact_search_s) -> dict:
 
 
 # -- one capacity ------------------------------------------------------------------------------------------------
+def tune(name, mem, q, k, truth, target) -> dict:
+    """Sweep ``tuning_grid`` on a filled memory: recall and search time of each setting; the fastest
+    setting reaching ``target`` recall (None if none does). The memory keeps its default options."""
+    points = []
+    for opts in tuning_grid(name, mem.options):
+        mem.set_search_options(**opts)
+        t = time_call(lambda: mem.search(q, k, with_entries=False))
+        points.append({"search": opts, "search_s": t, "recall": recall(mem.search(q, k), truth, q, k)})
+    if points:
+        mem.set_search_options(**{key: None for key in points[0]["search"]})
+    good = [p for p in points if p["recall"] >= target]
+    return {"target": target, "points": points, "chosen": min(good, key=lambda p: p["search_s"]) if good else None}
+
+
 def run_capacity(capacity, args, stream, baseline) -> dict:
     mems, skipped = make_memories(args.backends, capacity, args, baseline)
     fill_s = {}
     for label, mem in mems.items():
         t = 0.0
-        for i in range(0, capacity, args.tokens):
-            x = stream.tokens(i, min(args.tokens, capacity - i))
+        size, chunk = capacity, args.tokens
+        if label == port_mod.LABEL:     # each port add ships every index through joblib: fill in big chunks
+            size, chunk = port_fill(capacity, args), max(args.tokens, port_mod.FILL_CHUNK)
+        for i in range(0, size, chunk):
+            x = stream.tokens(i, min(chunk, size - i))
             t += time_call(lambda: mem.add(x, x))
         fill_s[label] = t
         log(f"[step] capacity {capacity:,}: {label} filled in {t:.1f} s")
     q, k = stream.queries, args.k
     truth = to_numpy(mems["exact"].search(q, k).scores) if "exact" in mems else None
-    recalls = {label: recall(mem.search(q, k), truth, q, k) if truth is not None else None
-               for label, mem in mems.items()}
+    recalls, tuning = {}, {}
+    for label, mem in mems.items():
+        ref = mem.exact_scores(q, k) if label == port_mod.LABEL else truth
+        recalls[label] = recall(mem.search(q, k), ref, q, k) if ref is not None else None
+        if truth is not None and args.recall_target and tuning_grid(label, mem.options):
+            tuning[label] = tune(label, mem, q, k, truth, args.recall_target)
+            log(f"[step] capacity {capacity:,}: {label} at recall >= {args.recall_target}: "
+                f"{tuning[label]['chosen'] and tuning[label]['chosen']['search']}")
+    # (label, memory, search options): a tuned label shares its backend's memory under other options
+    runs = {label: (label, mem, {}) for label, mem in mems.items()}
+    for label, tuned in tuning.items():
+        if tuned["chosen"] is not None:
+            opts = tuned["chosen"]["search"]
+            runs[label] = (label, mems[label], {key: None for key in opts})
+            runs[f"{label}@{args.recall_target:g}"] = (label, mems[label], opts)
+            recalls[f"{label}@{args.recall_target:g}"] = tuned["chosen"]["recall"]
 
-    labels = list(mems)
+    labels = list(runs)
     times = {label: {"search_s": [], "full_s": [], "add_s": []} for label in labels}
     pos = capacity
     for r in range(1 + args.repeats):
@@ -218,7 +296,9 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
         pos += args.tokens
         shift = r % len(labels)
         for label in labels[shift:] + labels[:shift]:
-            mem = mems[label]
+            _, mem, opts = runs[label]
+            if opts:
+                mem.set_search_options(**opts)
             t = {"search_s": time_call(lambda: mem.search(q, k, with_entries=False)),
                  "full_s": time_call(lambda: mem.search(q, k)),
                  "add_s": time_call(lambda: mem.add(x, x))}
@@ -227,18 +307,24 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
                     times[label][key].append(v)
     rows = {}
     for label in labels:
+        base, mem, opts = runs[label]
         med = {key: summary(v)["median_s"] for key, v in times[label].items()}
         steps = [f + a for f, a in zip(times[label]["full_s"], times[label]["add_s"])]
+        if opts:
+            mem.set_search_options(**opts)        # so that mem.options are this label's
         rows[label] = {"step": summary(steps), "search_s": med["search_s"], "full_search_s": med["full_s"],
                        "gather_s": max(med["full_s"] - med["search_s"], 0.0), "add_s": med["add_s"],
-                       "recall": recalls[label], "fill_s": fill_s[label],
+                       "recall": recalls[label], "fill_s": fill_s[base],
                        "options": {key: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v
-                                   for key, v in mems[label].options.items()}}
+                                   for key, v in mem.options.items()}}
+        if label == port_mod.LABEL:
+            rows[label]["entries_searched"] = [port_fill(capacity, args) + i * args.tokens
+                                               for i in range(1, 1 + args.repeats)]
     ref = rows.get("exact", {}).get("step", {}).get("median_s")
     for label, row in rows.items():
         row["step_over_exact"] = row["step"]["median_s"] / ref if ref else None
-    del mems
-    return {"capacity": capacity, "backends": rows, "skipped": skipped}
+    del mems, runs
+    return {"capacity": capacity, "backends": rows, "skipped": skipped, "tuning": tuning}
 
 
 # -- output ------------------------------------------------------------------------------------------------------
@@ -289,6 +375,9 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after one warm-up (default 3; quick 2)")
     p.add_argument("--threads", type=int, default=None, help="num_threads of the host backends (default: all cores)")
     p.add_argument("--baseline", default=None, metavar="REV", help="also time backend exact at git revision REV")
+    p.add_argument("--recall-target", type=float, default=RECALL_TARGET,
+                   help="also time each approximate backend at its fastest swept setting reaching this recall@k "
+                        f"(default {RECALL_TARGET}; 0: skip)")
     p.add_argument("--data", default="auto", choices=("auto", "minilm", "synthetic"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="capacity 2,048, 2 rounds: well under a minute")
