@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -260,6 +261,33 @@ def test_parallel_gather_equals_serial(rng, monkeypatch):
     assert not parallel.keys[~parallel.mask].any() and not parallel.values[~parallel.mask].any()
     b, t, h, j = np.nonzero(parallel.mask)
     assert (b == 1).any() and (~parallel.mask).any()
+
+
+@pytest.mark.parametrize("hold", ["keys", "values", "torch"])
+def test_results_stay_valid_and_their_buffer_is_reused_only_once_dropped(hold, rng):
+    """Gathered keys/values share one buffer that the next search reuses only when no result holds it."""
+    mem = kvmemory.Memory(key_dim=8, value_dim=4, capacity=64, num_heads=2, batch_size=2)
+    mem.add(rand(rng, 2, 64, 2, 8), rand(rng, 2, 64, 2, 4))
+    q1, q2 = rand(rng, 2, 5, 2, 8), rand(rng, 2, 5, 2, 8)
+    first = mem.search(q1, 6)
+    if hold == "torch":
+        torch = pytest.importorskip("torch")
+        held, want = torch.from_numpy(first.keys), first.keys.copy()
+    else:
+        held = getattr(first, hold)
+        want = held.copy()
+    address, first_keys = first.keys.__array_interface__["data"][0], first.keys.copy()
+    del first
+    second = mem.search(q2, 6)                       # the first result lives on through `held`
+    assert second.keys.__array_interface__["data"][0] != address
+    np.testing.assert_array_equal(np.asarray(held), want)
+    del held
+    second_buffer = weakref.ref(mem.backend.ring._spare)
+    assert np.shares_memory(second.keys, second_buffer())
+    del second
+    third = mem.search(q1, 6)                        # nothing of the second is alive: its buffer is reused
+    assert second_buffer() is not None and np.shares_memory(third.keys, second_buffer())
+    np.testing.assert_array_equal(third.keys, first_keys)
 
 
 @pytest.mark.parametrize("backend", installed_backends())
