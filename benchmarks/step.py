@@ -328,29 +328,38 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
 
 
 # -- output ------------------------------------------------------------------------------------------------------
+def label_order(labels) -> list:
+    """Backends in BACKENDS order, each followed by its tuned label, then anything else (e.g. exact@REV)."""
+    labels = list(labels)
+    ordered = [x for name in BACKENDS for x in labels if x == name or x.startswith(f"{name}@0") or
+               x.startswith(f"{name}@1")]
+    return ordered + [x for x in labels if x not in ordered]
+
+
 def plot(results, path, args, source):
+    """Per capacity, bars of the median search with entries and the median add; a tick at the step median."""
     plt = pyplot()
     if plt is None:
         return None
     caps = [r["capacity"] for r in results]
-    labels = sorted({label for r in results for label in r["backends"]})
-    fig, axes = plt.subplots(1, len(caps), figsize=(4.5 * len(caps), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(caps), figsize=(5 * len(caps), 4.8), squeeze=False)
     for ax, r in zip(axes[0], results):
-        names = [label for label in labels if label in r["backends"]]
-        parts = {"search": [r["backends"][n]["search_s"] * 1e3 for n in names],
-                 "gather": [r["backends"][n]["gather_s"] * 1e3 for n in names],
-                 "add": [r["backends"][n]["add_s"] * 1e3 for n in names]}
-        bottom = np.zeros(len(names))
-        for part, vals in parts.items():
-            ax.bar(names, vals, bottom=bottom, label=part)
-            bottom += np.asarray(vals)
-        for i, n in enumerate(names):
-            rec = r["backends"][n]["recall"]
-            if rec is not None:
-                ax.text(i, bottom[i], f"{rec:.2f}", ha="center", va="bottom", fontsize=8)
+        names = label_order(r["backends"])
+        rows = [r["backends"][n] for n in names]
+        x = np.arange(len(names))
+        search = np.array([b["full_search_s"] * 1e3 for b in rows])
+        add = np.array([b["add_s"] * 1e3 for b in rows])
+        ax.bar(x, search, label="search with entries")
+        ax.bar(x, add, bottom=search, label="add")
+        steps = [b["step"]["median_s"] * 1e3 for b in rows]
+        ax.scatter(x, steps, marker="_", s=300, color="black", label="step (median)", zorder=3)
+        for i, b in enumerate(rows):
+            if b["recall"] is not None:
+                ax.text(i, max(search[i] + add[i], steps[i]), f"{b['recall']:.2f}", ha="center", va="bottom",
+                        fontsize=7)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"capacity {r['capacity']:,} per (row, head)")
         ax.set_ylabel("ms per step (medians); label: recall@k")
-        ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=8)
     fig.suptitle(f"kvmemory step: batch {args.batch} x {args.heads} heads, dim {args.dim}, "
                  f"{args.tokens} queries then {args.tokens} tokens added, k={args.k}, {source} keys")
