@@ -263,31 +263,45 @@ def test_parallel_gather_equals_serial(rng, monkeypatch):
     assert (b == 1).any() and (~parallel.mask).any()
 
 
-@pytest.mark.parametrize("hold", ["keys", "values", "torch"])
-def test_results_stay_valid_and_their_buffer_is_reused_only_once_dropped(hold, rng):
-    """Gathered keys/values share one buffer that the next search reuses only when no result holds it."""
-    mem = kvmemory.Memory(key_dim=8, value_dim=4, capacity=64, num_heads=2, batch_size=2)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("hold", ["keys", "values", "view", "torch"])
+def test_results_stay_valid_and_their_buffer_is_reused_only_once_dropped(hold, threads, rng, monkeypatch):
+    """Gathered keys/values share one buffer that a later search reuses only when no array of it is alive."""
+    from kvmemory.backends import host
+    monkeypatch.setattr(host, "GATHER_PART_BYTES", 1 if threads > 1 else 1 << 40)   # threads > 1: split gathers
+    mem = kvmemory.Memory(key_dim=8, value_dim=4, capacity=64, num_heads=2, batch_size=2, num_threads=threads)
     mem.add(rand(rng, 2, 64, 2, 8), rand(rng, 2, 64, 2, 4))
     q1, q2 = rand(rng, 2, 5, 2, 8), rand(rng, 2, 5, 2, 8)
     first = mem.search(q1, 6)
+    first_keys = first.keys.copy()
     if hold == "torch":
         torch = pytest.importorskip("torch")
-        held, want = torch.from_numpy(first.keys), first.keys.copy()
+        held = torch.from_numpy(first.keys)
     else:
-        held = getattr(first, hold)
-        want = held.copy()
-    address, first_keys = first.keys.__array_interface__["data"][0], first.keys.copy()
+        held = {"keys": first.keys, "values": first.values, "view": first.values[:, 1:, :, ::2].T}[hold]
+    as_array = held.numpy if hold == "torch" else lambda: held
+    want = as_array().copy()
     del first
     second = mem.search(q2, 6)                       # the first result lives on through `held`
-    assert second.keys.__array_interface__["data"][0] != address
-    np.testing.assert_array_equal(np.asarray(held), want)
-    del held
-    second_buffer = weakref.ref(mem.backend.ring._spare)
-    assert np.shares_memory(second.keys, second_buffer())
-    del second
-    third = mem.search(q1, 6)                        # nothing of the second is alive: its buffer is reused
-    assert second_buffer() is not None and np.shares_memory(third.keys, second_buffer())
+    assert not np.shares_memory(second.keys, as_array()) and not np.shares_memory(second.values, as_array())
+    np.testing.assert_array_equal(as_array(), want)
+    del held, as_array, second
+    free = mem.backend.ring._free
+    assert len(free) == 1
+    spare = weakref.ref(free[0])
+    third = mem.search(q1, 6)                        # nothing of the earlier results is alive: a buffer is reused
+    assert spare() is not None and np.shares_memory(third.keys, spare()) and np.shares_memory(third.values, spare())
     np.testing.assert_array_equal(third.keys, first_keys)
+    assert mem.backend.ring._free == []              # lent out again
+
+
+def test_a_much_smaller_search_does_not_keep_the_big_buffer(rng):
+    mem = kvmemory.Memory(key_dim=8, capacity=64, num_heads=2, batch_size=2)
+    mem.add(rand(rng, 2, 64, 2, 8), rand(rng, 2, 64, 2, 8))
+    mem.search(rand(rng, 2, 40, 2, 8), 16)
+    big = mem.backend.ring._free[0].size
+    mem.search(rand(rng, 2, 2, 2, 8), 16)
+    assert mem.backend.ring._free[0].size < big / 2
 
 
 @pytest.mark.parametrize("backend", installed_backends())
