@@ -90,6 +90,7 @@ CAPACITIES = (8192, 16384, 65536)
 QUICK_CAPACITIES = (2048,)
 EPSILON = 1e-3
 RECALL_TARGET = 0.9
+TUNE_ROUNDS = 3           # timings per swept setting (medians pick the fastest)
 
 
 def tuning_grid(name: str, options: dict) -> list[dict]:
@@ -99,8 +100,9 @@ def tuning_grid(name: str, options: dict) -> list[dict]:
     """
     fractions = ((1, 4), (1, 3), (1, 2), (2, 3))
     if name == "faiss":
-        key = "nprobe" if options.get("index") == "ivf" else "ef_search"
-        return [{key: max(1, options[key] * a // b)} for a, b in fractions]
+        kind = str(options.get("index", "")).lower()     # "ivf", "hnsw" or a factory string
+        key = "ef_search" if "hnsw" in kind else "nprobe" if "ivf" in kind else None
+        return [{key: max(1, options[key] * a // b)} for a, b in fractions] if key else []
     if name == "scann":
         leaves = options["num_leaves_to_search"]
         return [{"num_leaves_to_search": max(1, leaves * a // b), "reorder": r} for a, b in fractions[1:]
@@ -242,14 +244,21 @@ def roofline(args, capacity, rates, exact_step_s, exact_search_s) -> dict:
 
 
 # -- one capacity ------------------------------------------------------------------------------------------------
-def tune(name, mem, q, k, truth, target) -> dict:
-    """Sweep ``tuning_grid`` on a filled memory: recall and search time of each setting; the fastest
-    setting reaching ``target`` recall (None if none does). The memory keeps its default options."""
-    points = []
-    for opts in tuning_grid(name, mem.options):
-        mem.set_search_options(**opts)
-        t = time_call(lambda: mem.search(q, k, with_entries=False))
-        points.append({"search": opts, "search_s": t, "recall": recall(mem.search(q, k), truth, q, k)})
+def tune(name, mem, q, k, truth, target, rounds: int = TUNE_ROUNDS) -> dict:
+    """Sweep ``tuning_grid`` on a filled memory: recall and median search time (``rounds`` interleaved
+    timings) of each setting; the fastest setting reaching ``target`` recall (None if none does).
+    The memory is left at its default options."""
+    points = [{"search": opts} for opts in tuning_grid(name, mem.options)]
+    for p in points:
+        mem.set_search_options(**p["search"])
+        p["recall"] = recall(mem.search(q, k), truth, q, k)
+        p["times_s"] = []
+    for _ in range(rounds):
+        for p in points:
+            mem.set_search_options(**p["search"])
+            p["times_s"].append(time_call(lambda: mem.search(q, k, with_entries=False)))
+    for p in points:
+        p["search_s"] = summary(p.pop("times_s"))["median_s"]
     if points:
         mem.set_search_options(**{key: None for key in points[0]["search"]})
     good = [p for p in points if p["recall"] >= target]
@@ -290,21 +299,32 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
 
     labels = list(runs)
     times = {label: {"search_s": [], "full_s": [], "add_s": []} for label in labels}
+    # labels sharing one memory are searched one after the other under their own options; the memory
+    # then gets one add per round, timed once and counted for each of them
+    groups = {}
+    for label in labels:
+        groups.setdefault(id(runs[label][1]), []).append(label)
+    groups = list(groups.values())
     pos = capacity
     for r in range(1 + args.repeats):
         x = stream.tokens(pos, args.tokens)
         pos += args.tokens
-        shift = r % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            _, mem, opts = runs[label]
-            if opts:
-                mem.set_search_options(**opts)
-            t = {"search_s": time_call(lambda: mem.search(q, k, with_entries=False)),
-                 "full_s": time_call(lambda: mem.search(q, k)),
-                 "add_s": time_call(lambda: mem.add(x, x))}
+        shift = r % len(groups)
+        for group in groups[shift:] + groups[:shift]:
+            turn = r % len(group)
+            for label in group[turn:] + group[:turn]:
+                _, mem, opts = runs[label]
+                if opts:
+                    mem.set_search_options(**opts)
+                t = {"search_s": time_call(lambda: mem.search(q, k, with_entries=False)),
+                     "full_s": time_call(lambda: mem.search(q, k))}
+                if r:
+                    for key, v in t.items():
+                        times[label][key].append(v)
+            add_s = time_call(lambda: runs[group[0]][1].add(x, x))
             if r:
-                for key, v in t.items():
-                    times[label][key].append(v)
+                for label in group:
+                    times[label]["add_s"].append(add_s)
     rows = {}
     for label in labels:
         base, mem, opts = runs[label]
@@ -320,6 +340,7 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
         if label == port_mod.LABEL:
             rows[label]["entries_searched"] = [port_fill(capacity, args) + i * args.tokens
                                                for i in range(1, 1 + args.repeats)]
+            rows[label]["note"] = "always fetches keys and values: search_s includes its gather (gather_s ~ 0)"
     ref = rows.get("exact", {}).get("step", {}).get("median_s")
     for label, row in rows.items():
         row["step_over_exact"] = row["step"]["median_s"] / ref if ref else None
@@ -328,11 +349,11 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
 
 
 # -- output ------------------------------------------------------------------------------------------------------
-def label_order(labels) -> list:
-    """Backends in BACKENDS order, each followed by its tuned label, then anything else (e.g. exact@REV)."""
-    labels = list(labels)
-    ordered = [x for name in BACKENDS for x in labels if x == name or x.startswith(f"{name}@0") or
-               x.startswith(f"{name}@1")]
+def label_order(result: dict) -> list:
+    """A capacity's labels: backends in BACKENDS order, each followed by its tuned label, then the rest."""
+    labels = list(result["backends"])
+    tuned = {name: f"{name}@{t['target']:g}" for name, t in result.get("tuning", {}).items()}
+    ordered = [x for name in BACKENDS for x in (name, tuned.get(name)) if x in labels]
     return ordered + [x for x in labels if x not in ordered]
 
 
@@ -344,7 +365,7 @@ def plot(results, path, args, source):
     caps = [r["capacity"] for r in results]
     fig, axes = plt.subplots(1, len(caps), figsize=(5 * len(caps), 4.8), squeeze=False)
     for ax, r in zip(axes[0], results):
-        names = label_order(r["backends"])
+        names = label_order(r)
         rows = [r["backends"][n] for n in names]
         x = np.arange(len(names))
         search = np.array([b["full_search_s"] * 1e3 for b in rows])
