@@ -181,6 +181,30 @@ def test_bins_recall_follows_the_target():
     np.testing.assert_array_equal(np.asarray(topk.binned_top_k(x, 32, 1.0)[1]), exact)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3000), m=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans(), masked=st.floats(0, 0.95))
+def test_grouped_top_k_equals_lax_top_k(n, m, seed, ties, masked):
+    """The exact two-stage selection returns lax.top_k's values, and indices that hold them (ties, -inf, any n)."""
+    m = min(m, n)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, (3, n)).astype(np.float32) if ties else rng.standard_normal((3, n)).astype(np.float32)
+    x[rng.random((3, n)) < masked] = -np.inf
+    values, idx = topk.grouped_top_k(jnp.asarray(x), m)
+    want, _ = jax.lax.top_k(jnp.asarray(x), m)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want))
+    idx = np.asarray(idx)
+    np.testing.assert_array_equal(np.take_along_axis(x, idx, -1), np.asarray(want))
+    assert all(len(set(row)) == m for row in idx)                    # m distinct columns
+    assert idx.min() >= 0 and idx.max() < n
+
+
+def test_grouped_top_k_splits_long_rows_only():
+    assert topk.exact_groups(65536, 32) == 1024                          # ~sqrt(n m), a power of two
+    assert topk.exact_groups(511, 32) == 0                               # n < 16 m: one lax.top_k
+    assert topk.exact_groups(4096, 64) >= 64
+
+
 def test_bfloat16_scan_and_tiles_match_exact_backend():
     rng = np.random.default_rng(5)
     exact = kvmemory.Memory(DK, DV, C, H, B, metric="ip")
