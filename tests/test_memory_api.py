@@ -286,22 +286,22 @@ def test_results_stay_valid_and_their_buffer_is_reused_only_once_dropped(hold, t
     assert not np.shares_memory(second.keys, as_array()) and not np.shares_memory(second.values, as_array())
     np.testing.assert_array_equal(as_array(), want)
     del held, as_array, second
-    free = mem.backend.ring._free
+    free = mem.backend.ring.results._free
     assert len(free) == 1
     spare = weakref.ref(free[0])
     third = mem.search(q1, 6)                        # nothing of the earlier results is alive: a buffer is reused
     assert spare() is not None and np.shares_memory(third.keys, spare()) and np.shares_memory(third.values, spare())
     np.testing.assert_array_equal(third.keys, first_keys)
-    assert mem.backend.ring._free == []              # lent out again
+    assert mem.backend.ring.results._free == []              # lent out again
 
 
 def test_a_much_smaller_search_does_not_keep_the_big_buffer(rng):
     mem = kvmemory.Memory(key_dim=8, capacity=64, num_heads=2, batch_size=2)
     mem.add(rand(rng, 2, 64, 2, 8), rand(rng, 2, 64, 2, 8))
     mem.search(rand(rng, 2, 40, 2, 8), 16)
-    big = mem.backend.ring._free[0].size
+    big = mem.backend.ring.results._free[0].size
     mem.search(rand(rng, 2, 2, 2, 8), 16)
-    assert mem.backend.ring._free[0].size < big / 2
+    assert mem.backend.ring.results._free[0].size < big / 2
 
 
 @pytest.mark.parametrize("backend", installed_backends())

@@ -249,3 +249,24 @@ def test_check_finite_off_skips_the_check():
     mem = kvmemory.Memory(DK, backend="torch", device="cpu", check_finite=False)
     mem.search(torch.full((1, 1, 1, DK), float("nan")), 2)  # accepted: the caller vouches for its inputs
     assert TorchBackend.build_options["check_finite"] is True
+
+
+def test_cpu_results_stay_valid_and_their_buffer_is_reused_once_dropped(rng):
+    """On the CPU keys and values are gathered into one lent buffer: a held result is never overwritten."""
+    import weakref
+    _, mem = pair()
+    mem.add(*entries(rng, C))
+    q1, q2 = (torch.from_numpy(rng.standard_normal((B, 4, H, DK)).astype(np.float32)) for _ in range(2))
+    first = mem.search(q1, 5)
+    held, want = first.values[1:, :, 0], first.values[1:, :, 0].clone()
+    first_keys = first.keys.clone()
+    del first
+    second = mem.search(q2, 5)
+    assert not np.shares_memory(second.values.numpy(), held.numpy()) and torch.equal(held, want)
+    del held, second
+    free = mem.backend._results._free
+    assert len(free) == 1
+    spare = weakref.ref(free[0])
+    third = mem.search(q1, 5)
+    assert spare() is not None and np.shares_memory(third.keys.numpy(), spare())
+    assert np.shares_memory(third.values.numpy(), spare()) and torch.equal(third.keys, first_keys)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from ..config import MemoryConfig
+from .result_buffer import ResultBuffer
 
 
 class Ring:
@@ -28,7 +27,7 @@ class Ring:
         self.values = np.zeros((B, H, C, config.value_dim), np.float32)
         self.sqnorms = np.zeros((B, H, C), np.float32) if config.metric != "ip" else None
         self.counts = np.zeros(B, np.int64)
-        self._free = []           # at most one result buffer no search result uses any more (_result_buffer)
+        self.results = ResultBuffer()   # where gathers write: reused once no result of it is alive
 
     @property
     def capacity(self) -> int:
@@ -100,7 +99,7 @@ class Ring:
         flat, empty = self._flat(ids).reshape(-1), (ids < 0).reshape(-1)
         dk, dv = self.config.key_dim, self.config.value_dim
         stores = (self.keys.reshape(-1, dk), self.values.reshape(-1, dv))
-        buf = self._result_buffer(flat.size * (dk + dv))
+        buf = self.results.lend(flat.size * (dk + dv))
         outs = (buf[:flat.size * dk].reshape(-1, dk), buf[flat.size * dk:].reshape(-1, dv))
 
         def copy(part: slice) -> None:
@@ -111,27 +110,6 @@ class Ring:
         bounds = np.linspace(0, flat.size, max(parts, 1) + 1).astype(int)
         (mapper or _serial)(copy, [slice(a, e) for a, e in zip(bounds[:-1], bounds[1:])])
         return tuple(out.reshape(*ids.shape, out.shape[1]) for out in outs)
-
-    def _result_buffer(self, n: int) -> np.ndarray:
-        """n float32 for a gather's results: the buffer of an earlier search once none of its arrays is alive.
-
-        A fresh buffer of this size is a fresh mapping: its page faults cost as much as the copy,
-        and with transparent huge pages some searches stall several times longer (measured: gather
-        38 ms usually, 113-119 ms at times, 268 MB of keys and values; 28-30 ms reused). The array
-        returned is made from a ``_Lease``, which every view of it (and anything made from a view,
-        e.g. a torch tensor) keeps alive; when the last of them dies the buffer goes back to this
-        ring's free list. A buffer more than twice the size asked for is dropped, not kept.
-        """
-        try:
-            buf = self._free.pop()
-        except IndexError:
-            buf = None
-        if buf is None or buf.size < n or buf.size > 2 * n:
-            buf = None                                  # released before the new one is allocated
-            buf = np.empty(n, np.float32)
-        lease = _Lease(buf[:n])
-        weakref.finalize(lease, _give_back, self._free, buf)
-        return np.asarray(lease)
 
     def state_dict(self) -> dict:
         state = {"keys": self.keys, "values": self.values, "counts": self.counts}
@@ -156,18 +134,6 @@ class Ring:
         self.counts[...] = state["counts"]
         if self.sqnorms is not None:
             self.sqnorms[...] = state["sqnorms"]
-
-
-class _Lease:
-    """Lends one search's result buffer to numpy: the arrays made from it keep it, and so the buffer, alive."""
-
-    def __init__(self, buf: np.ndarray):
-        self.buf = buf
-        self.__array_interface__ = buf.__array_interface__
-
-
-def _give_back(free: list, buf: np.ndarray) -> None:
-    free[:] = [buf]
 
 
 def _serial(fn, items: list) -> list:
