@@ -71,20 +71,26 @@ def grouped_top_k(x: jax.Array, m: int):
     top m of those groups' members is the exact top m: two ``lax.top_k`` over G and n m / G values
     instead of one over n. Values equal ``lax.top_k``'s; among equal values the indices may differ.
     """
-    n = x.shape[-1]
-    groups = exact_groups(n, m)
+    groups = exact_groups(x.shape[-1], m)
     if not groups:
         return lax.top_k(x, m)
-    rows = -(-n // groups)
-    pad = rows * groups - n
-    if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
-    x = x.reshape(*x.shape[:-1], rows, groups)                  # column r * groups + g -> [r, g]
-    _, picked = lax.top_k(jnp.max(x, -2), m)                   # [..., m] groups
-    members = jnp.take_along_axis(x, jnp.broadcast_to(picked[..., None, :], (*x.shape[:-2], rows, m)), -1)
-    values, at = lax.top_k(members.reshape(*members.shape[:-2], rows * m), m)
+    _, picked, members = _best_groups(x, groups, m)
+    values, at = lax.top_k(members.reshape(*members.shape[:-2], -1), m)      # member r of group j at r * m + j
     group = jnp.take_along_axis(picked, at % m, -1)
     return values, ((at // m) * groups + group).astype(jnp.int32)
+
+
+def _best_groups(x: jax.Array, groups: int, m: int):
+    """x [..., n] dealt into strided groups (column r * groups + g -> group g, row r; -inf pads the last row):
+    the m groups with the largest maxima as (maxima [..., m], group ids [..., m], members [..., rows, m])."""
+    n = x.shape[-1]
+    rows = -(-n // groups)
+    if rows * groups > n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, rows * groups - n)], constant_values=-jnp.inf)
+    x = x.reshape(*x.shape[:-1], rows, groups)
+    maxima, picked = lax.top_k(jnp.max(x, -2), m)
+    members = jnp.take_along_axis(x, jnp.broadcast_to(picked[..., None, :], (*x.shape[:-2], rows, m)), -1)
+    return maxima, picked, members
 
 
 def binned_top_k(x: jax.Array, m: int, recall_target: float):
@@ -93,11 +99,5 @@ def binned_top_k(x: jax.Array, m: int, recall_target: float):
     bins = num_bins(n, m, recall_target)
     if bins >= n:
         return lax.top_k(x, m)
-    rows = -(-n // bins)
-    pad = rows * bins - n
-    if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
-    x = x.reshape(*x.shape[:-1], rows, bins)                  # column r * bins + b -> [r, b]
-    values, picked = lax.top_k(jnp.max(x, -2), m)              # the m best bins, by their maxima
-    columns = jnp.take_along_axis(x, jnp.broadcast_to(picked[..., None, :], (*x.shape[:-2], rows, m)), -1)
+    values, picked, columns = _best_groups(x, bins, m)          # the m best bins, by their maxima
     return values, (jnp.argmax(columns, -2) * bins + picked).astype(jnp.int32)
