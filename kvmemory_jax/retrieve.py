@@ -124,7 +124,7 @@ def _scan(q, keys, sqnorms, n_valid, m: int, cols: int, metric: str, method: str
             sq = lax.dynamic_slice_in_dim(sqnorms, start, cols, 2)[:, :, None]       # [B,H,1,cols]
             s = (s * jnp.where(sq > 0, lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) if metric == "cosine"
                  else 2 * s - sq)
-        live = (col >= c0) & (col < n_valid)
+        live = (col >= c0) & (col < n_valid) & ~jnp.isnan(s)   # a NaN score (unchecked key) is no neighbour
         s, idx = topk.select(jnp.where(live, s, -jnp.inf), min(m, cols), method, recall_target)
         slot = start + idx
         return s, jnp.where((slot >= c0) & (slot < n_valid) & (s > -jnp.inf), slot, C)

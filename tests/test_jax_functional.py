@@ -182,7 +182,7 @@ def test_bins_recall_follows_the_target():
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3000), m=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+@given(n=st.integers(1, 4000), m=st.integers(1, 12), seed=st.integers(0, 2**31 - 1),
        ties=st.booleans(), masked=st.floats(0, 0.95))
 def test_grouped_top_k_equals_lax_top_k(n, m, seed, ties, masked):
     """The exact two-stage selection returns lax.top_k's values, and indices that hold them (ties, -inf, any n)."""
@@ -201,8 +201,51 @@ def test_grouped_top_k_equals_lax_top_k(n, m, seed, ties, masked):
 
 def test_grouped_top_k_splits_long_rows_only():
     assert topk.exact_groups(65536, 32) == 1024                          # ~sqrt(n m), a power of two
-    assert topk.exact_groups(511, 32) == 0                               # n < 16 m: one lax.top_k
-    assert topk.exact_groups(4096, 64) >= 64
+    assert topk.exact_groups(4095, 32) == 0                              # n < 128 m: one lax.top_k
+    assert topk.exact_groups(4096, 32) == 256
+    assert all(m <= topk.exact_groups(n, m) < n for m in range(1, 300, 7) for n in range(128 * m, 128 * m + 3000, 97))
+
+
+@pytest.mark.parametrize("metric,dtype", [("ip", "float32"), ("cosine", "float32"), ("l2", "float32"),
+                                          ("ip", "bfloat16")])
+def test_exact_search_through_grouped_selection_matches_exact_backend(metric, dtype):
+    """Rows long enough for the two-stage top-k, whole and in tiles, FIFO-wrapped, partly filled and cleared."""
+    rng = np.random.default_rng(11)
+    cap, T = 2000, 3
+    exact = kvmemory.Memory(DK, DV, cap, H, B, metric=metric)
+    state = kvj.init(B, H, cap, DK, DV, metric=metric, score_dtype=dtype)
+    for n in (1500, 900, 700):                                          # row 0 wraps; row 1 cleared, refilled
+        k, v = arrays(rng, n, DK), arrays(rng, n, DV)
+        exact.add(k, v)
+        state = jit_add(state, k, v)
+        if n == 900:
+            exact.clear([1])
+            state = jit_clear(state, jnp.array([False, True]))
+    q = arrays(rng, T, DK)
+    for kq in (1, 8):
+        assert topk.exact_groups(cap, kq) and topk.exact_groups(1100, kq)        # the grouped path runs
+        for block in (1 << 24, B * H * T * 4 * 1100):                             # whole rows; tiles of 1,100
+            res = kvj.search(state, q, kq, block_bytes=block)
+            assert_matches_exact(exact, exact.search(q, kq), tuple(np.asarray(x) for x in res), id_dtype=np.int32,
+                                 tol=2e-2 if dtype == "bfloat16" else 1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "approx_max_k"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_stored_nan_key_is_never_returned(sign, method):
+    """Unchecked adds may store NaN; its score is NaN for every query, and search treats it as no entry:
+    a +NaN takes no neighbour's place, a -NaN hides no other member of its group from the two-stage top-k."""
+    cap, k = 4096, 4
+    keys = np.zeros((1, cap, 1, 8), np.float32)
+    keys[0, :, 0, 0] = np.arange(cap) / 100                            # score of id i: i / 100
+    best_group = (cap - 1) % topk.exact_groups(cap, k)
+    keys[0, best_group, 0, 1] = np.copysign(np.float32(np.nan), sign)  # in the group of the best id
+    state = jit_add(kvj.init(1, 1, cap, 8, 8), jnp.asarray(keys), jnp.asarray(keys))
+    q = np.zeros((1, 3, 1, 8), np.float32)
+    q[..., 0] = 1
+    res = kvj.search(state, q, k, method=method)
+    np.testing.assert_array_equal(np.asarray(res.ids)[0, :, 0], [[cap - 1, cap - 2, cap - 3, cap - 4]] * 3)
+    np.testing.assert_allclose(np.asarray(res.scores)[0, :, 0], [[40.95, 40.94, 40.93, 40.92]] * 3, rtol=1e-6)
 
 
 def test_bfloat16_scan_and_tiles_match_exact_backend():
