@@ -270,3 +270,28 @@ def test_cpu_results_stay_valid_and_their_buffer_is_reused_once_dropped(rng):
     third = mem.search(q1, 5)
     assert spare() is not None and np.shares_memory(third.keys.numpy(), spare())
     assert np.shares_memory(third.values.numpy(), spare()) and torch.equal(third.keys, first_keys)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_cpu_scores_against_brute_force_with_zero_queries_and_keys(metric, rng):
+    """The CPU path returns the kernel's scores: checked here against numpy brute force, not backend exact."""
+    _, mem = pair(metric)
+    keys, values = entries(rng, 20)
+    keys[:, ::4] = 0                                                     # zero keys
+    mem.add(keys, values)
+    q = rng.standard_normal((B, 3, H, DK)).astype(np.float32)
+    q[:, 0] = 0                                                          # a zero query
+    res = mem.search(torch.from_numpy(q), 6)
+    dots = np.einsum("bthd,bnhd->bthn", q, keys)
+    qn, kn = np.linalg.norm(q, axis=-1)[..., None], np.linalg.norm(keys, axis=-1).transpose(0, 2, 1)[:, None]
+    if metric == "ip":
+        want = dots
+    elif metric == "cosine":
+        want = np.divide(dots, qn * kn, out=np.zeros_like(dots), where=qn * kn > 0)
+    else:
+        want = -np.maximum(qn ** 2 - 2 * dots + kn ** 2, 0)
+    top = -np.sort(-want, -1)[..., :6]
+    np.testing.assert_allclose(res.scores.numpy(), top, rtol=1e-5, atol=1e-4)
+    assert res.mask.all()
+    got = np.take_along_axis(want, res.ids.numpy(), -1)                  # each id's own brute-force score
+    np.testing.assert_allclose(got, res.scores.numpy(), rtol=1e-5, atol=1e-4)
