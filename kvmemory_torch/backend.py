@@ -358,14 +358,9 @@ class TorchBackend(Backend):
         if self.device.type != "cpu":
             return [s.view(-1, s.shape[-1]).index_select(0, flat.view(-1)).view(*flat.shape, s.shape[-1])
                     for s in stores]
-        widths = [s.shape[-1] for s in stores]
-        buf = torch.from_numpy(self._results.lend(flat.numel() * sum(widths)))
-        outs, at = [], 0
-        for s, X in zip(stores, widths):
-            out = buf[at:at + flat.numel() * X].view(-1, X)
-            at += out.numel()
-            outs.append(torch.index_select(s.view(-1, X), 0, flat.view(-1), out=out).view(*flat.shape, X))
-        return outs
+        outs = self._results.lend_rows(flat.numel(), [s.shape[-1] for s in stores])
+        return [torch.index_select(s.view(-1, s.shape[-1]), 0, flat.view(-1), out=torch.from_numpy(out))
+                .view(*flat.shape, s.shape[-1]) for s, out in zip(stores, outs)]
 
     def _gather(self, store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """store [B,H,C,X] at slots [G,T,m] -> [G,T,m,X] (one index_select: far faster than gather on CPU)."""

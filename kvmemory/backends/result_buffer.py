@@ -13,7 +13,7 @@ class ResultBuffer:
     A fresh buffer of a step's size (268 MB at batch 4 x 8 heads x 512 queries x k = 32, dim 64) is
     a fresh mapping: its page faults cost as much as the copy into it, and with transparent huge
     pages some searches stall several times longer (measured: gather 38 ms usually, 113-119 ms at
-    times; 28-30 ms with the buffer reused). ``lend`` returns an array made from a ``_Lease``, which
+    times; 28-30 ms with the buffer reused). ``lend_rows`` returns views of an array made from a ``_Lease``, which
     every view of it, and anything made from a view (e.g. ``torch.from_numpy``), keeps alive; when
     the last of them dies the buffer comes back here for the next search. At most one buffer is
     kept, and one over twice the size asked for is dropped rather than reused.
@@ -22,8 +22,10 @@ class ResultBuffer:
     def __init__(self):
         self._free: list[np.ndarray] = []
 
-    def lend(self, n: int) -> np.ndarray:
-        """A float32 array of n elements that no earlier result still uses (contents undefined)."""
+    def lend_rows(self, rows: int, widths) -> list[np.ndarray]:
+        """One float32 array [rows, w] per width, all in one buffer that no earlier result still uses
+        (contents undefined): a search's keys and values, say."""
+        n = rows * sum(widths)
         try:
             buf = self._free.pop()
         except IndexError:
@@ -33,7 +35,11 @@ class ResultBuffer:
             buf = np.empty(n, np.float32)
         lease = _Lease(buf[:n])
         weakref.finalize(lease, _give_back, self._free, buf)
-        return np.asarray(lease)
+        whole, parts, at = np.asarray(lease), [], 0
+        for w in widths:
+            parts.append(whole[at:at + rows * w].reshape(rows, w))
+            at += rows * w
+        return parts
 
 
 class _Lease:

@@ -99,8 +99,7 @@ class Ring:
         flat, empty = self._flat(ids).reshape(-1), (ids < 0).reshape(-1)
         dk, dv = self.config.key_dim, self.config.value_dim
         stores = (self.keys.reshape(-1, dk), self.values.reshape(-1, dv))
-        buf = self.results.lend(flat.size * (dk + dv))
-        outs = (buf[:flat.size * dk].reshape(-1, dk), buf[flat.size * dk:].reshape(-1, dv))
+        outs = self.results.lend_rows(flat.size, (dk, dv))
 
         def copy(part: slice) -> None:
             for store, out in zip(stores, outs):
