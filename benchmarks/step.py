@@ -244,6 +244,11 @@ def roofline(args, capacity, rates, exact_step_s, exact_search_s) -> dict:
 
 
 # -- one capacity ------------------------------------------------------------------------------------------------
+def tuned_label(name: str, target: float) -> str:
+    """The label of backend ``name`` at its fastest setting reaching recall ``target``: "faiss@0.9"."""
+    return f"{name}@{target:g}"
+
+
 def tune(name, mem, q, k, truth, target, rounds: int = TUNE_ROUNDS) -> dict:
     """Sweep ``tuning_grid`` on a filled memory: recall and median search time (``rounds`` interleaved
     timings) of each setting; the fastest setting reaching ``target`` recall (None if none does).
@@ -294,8 +299,8 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
         if tuned["chosen"] is not None:
             opts = tuned["chosen"]["search"]
             runs[label] = (label, mems[label], {key: None for key in opts})
-            runs[f"{label}@{args.recall_target:g}"] = (label, mems[label], opts)
-            recalls[f"{label}@{args.recall_target:g}"] = tuned["chosen"]["recall"]
+            runs[tuned_label(label, tuned["target"])] = (label, mems[label], opts)
+            recalls[tuned_label(label, tuned["target"])] = tuned["chosen"]["recall"]
 
     labels = list(runs)
     times = {label: {"search_s": [], "full_s": [], "add_s": []} for label in labels}
@@ -321,7 +326,8 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
                 if r:
                     for key, v in t.items():
                         times[label][key].append(v)
-            add_s = time_call(lambda: runs[group[0]][1].add(x, x))
+            shared = runs[group[0]][1]
+            add_s = time_call(lambda: shared.add(x, x))
             if r:
                 for label in group:
                     times[label]["add_s"].append(add_s)
@@ -344,7 +350,6 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
     ref = rows.get("exact", {}).get("step", {}).get("median_s")
     for label, row in rows.items():
         row["step_over_exact"] = row["step"]["median_s"] / ref if ref else None
-    del mems, runs
     return {"capacity": capacity, "backends": rows, "skipped": skipped, "tuning": tuning}
 
 
@@ -352,7 +357,7 @@ def run_capacity(capacity, args, stream, baseline) -> dict:
 def label_order(result: dict) -> list:
     """A capacity's labels: backends in BACKENDS order, each followed by its tuned label, then the rest."""
     labels = list(result["backends"])
-    tuned = {name: f"{name}@{t['target']:g}" for name, t in result.get("tuning", {}).items()}
+    tuned = {name: tuned_label(name, t["target"]) for name, t in result.get("tuning", {}).items()}
     ordered = [x for name in BACKENDS for x in (name, tuned.get(name)) if x in labels]
     return ordered + [x for x in labels if x not in ordered]
 

@@ -279,13 +279,13 @@ def test_results_stay_valid_and_their_buffer_is_reused_only_once_dropped(hold, t
         held = torch.from_numpy(first.keys)
     else:
         held = {"keys": first.keys, "values": first.values, "view": first.values[:, 1:, :, ::2].T}[hold]
-    as_array = held.numpy if hold == "torch" else lambda: held
-    want = as_array().copy()
+    held_array = held.numpy() if hold == "torch" else held          # a numpy view of what is held
+    want = held_array.copy()
     del first
     second = mem.search(q2, 6)                       # the first result lives on through `held`
-    assert not np.shares_memory(second.keys, as_array()) and not np.shares_memory(second.values, as_array())
-    np.testing.assert_array_equal(as_array(), want)
-    del held, as_array, second
+    assert not np.shares_memory(second.keys, held_array) and not np.shares_memory(second.values, held_array)
+    np.testing.assert_array_equal(held_array, want)
+    del held, held_array, second
     free = mem.backend.ring.results._free
     assert len(free) == 1
     spare = weakref.ref(free[0])

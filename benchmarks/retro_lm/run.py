@@ -14,8 +14,8 @@ from kvmemory.atomic import atomic_open
 from kvmemory_torch.retro import RetroTransformer, precomputed_neighbours
 
 from ..common import log
-from .data import EvalSet, TrainBatches
 from ..training import adamw, warmup_cosine
+from .data import EvalSet, TrainBatches
 from .presets import Preset
 
 VOCAB = 256
